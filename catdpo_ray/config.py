@@ -1,0 +1,546 @@
+"""Typed, frozen run configuration: YAML file + dotted ``key=value`` overrides.
+
+One source of truth. Every other module receives a :class:`RunConfig` (or one of its
+sections); nothing downstream re-reads raw dicts. Unknown keys, wrong types and impossible
+combinations fail here, at load time, with a message naming the key and the valid choices.
+
+Example::
+
+    cfg = load_config("jobs/tiny_cpu.yaml", ["loss.beta=0.2", "dual.eta=0.25"])
+    cfg.dual.eta  # 0.25
+
+The DeepSpeed dict and the batch arithmetic (micro x accumulation x workers = global) are
+derived from this config in exactly one place: :func:`catdpo_ray.train.ds_config.build_ds_config`
+and :meth:`RunConfig.global_batch_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+#: The 19 harm categories of PKU-SafeRLHF, spelled exactly as the dataset spells them.
+PKU_CATEGORIES: tuple[str, ...] = (
+    "Animal Abuse",
+    "Copyright Issues",
+    "Cybercrime",
+    "Discriminatory Behavior",
+    "Disrupting Public Order",
+    "Drugs",
+    "Economic Crime",
+    "Endangering National Security",
+    "Endangering Public Health",
+    "Environmental Damage",
+    "Human Trafficking",
+    "Insulting Behavior",
+    "Mental Manipulation",
+    "Physical Harm",
+    "Privacy Violation",
+    "Psychological Harm",
+    "Sexual Content",
+    "Violence",
+    "White-Collar Crime",
+)
+
+LossName = Literal["dpo", "ipo", "simpo", "safedpo", "catdpo", "bdpo"]
+PairMode = Literal["auto", "helpful", "harmless", "safe_better", "safety_aware"]
+
+#: Pair construction used when ``data.pairs=auto`` (METHOD.md section 1 "used by").
+DEFAULT_PAIRS_FOR_LOSS: dict[str, str] = {
+    "dpo": "safe_better",
+    "ipo": "safe_better",
+    "simpo": "safe_better",
+    "bdpo": "harmless",
+    "safedpo": "safety_aware",
+    "catdpo": "safety_aware",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending dotted key in the message."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """peft LoRA on the policy. With LoRA the reference is the base model (adapter disabled)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    #: Module names to adapt; the Llama/Qwen attention and MLP projections by default.
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy and its reference: a frozen DeepSpeed engine of the same weights, or with
+    LoRA the same engine with the adapter disabled."""
+
+    #: HF hub id or local directory of a causal LM, or ``tiny`` for the bundled tiny Llama
+    #: (built on first use from the bundled corpus, cached, then loaded via from_pretrained).
+    name_or_path: str = "tiny"
+    revision: str | None = None
+    #: ``auto`` = the tokenizer of ``name_or_path``; a path/id to override.
+    tokenizer: str = "auto"
+    trust_remote_code: bool = False
+    #: Attention kernel passed to from_pretrained (``sdpa``, ``eager``, ``flash_attention_2``).
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    #: Where the tiny model and tokenizer are cached (``~/.cache/catdpo_ray`` by default,
+    #: or ``$CATDPO_CACHE``).
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preference data: source, schema mapping, validation, pair construction, tokenization."""
+
+    #: ``bundled`` (the shipped sample corpus), or a PKU-schema ``.jsonl``/``.json``/``.parquet`` path.
+    train: str = "bundled"
+    test: str = "bundled"
+    #: HF hub dataset (e.g. ``PKU-Alignment/PKU-SafeRLHF``); when set, it replaces train/test.
+    hub_name: str | None = None
+    hub_config: str | None = "default"
+    hub_train_split: str = "train"
+    hub_test_split: str = "test"
+    hub_revision: str | None = None
+    #: PKU field name -> source column name, for corpora with other column names.
+    column_map: dict[str, str] = field(default_factory=dict)
+    #: The run's harm categories (multi-hot order). Default: the 19 PKU names.
+    categories: list[str] = field(default_factory=lambda: list(PKU_CATEGORIES))
+    #: Pair construction (METHOD.md section 1); ``auto`` picks per loss.
+    pairs: PairMode = "auto"
+    #: ``strict``: first bad row raises; ``lenient``: bad rows go to quarantine.jsonl, counted.
+    validation: Literal["strict", "lenient"] = "lenient"
+    #: Prompt template for models without a chat template; ``{prompt}`` is substituted.
+    prompt_template: str = "USER: {prompt} ASSISTANT:"
+    #: Use the tokenizer's chat template (instruct models) instead of ``prompt_template``.
+    use_chat_template: bool = False
+    max_length: int = 128
+    max_prompt_length: int = 64
+    #: Cap on training rows read (``null`` = all); for smoke runs.
+    max_train_rows: int | None = None
+    max_test_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The preference loss (METHOD.md section 3)."""
+
+    name: LossName = "catdpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    #: SafeDPO fixed safety margin Delta (Kim et al., ICLR 2026).
+    delta: float = 10.0
+    #: SimPO target reward margin gamma (Meng et al., 2024).
+    simpo_gamma: float = 0.5
+    #: B-DPO softmax temperature tau over mutual information (derived template).
+    bdpo_tau: float = 1.0
+
+
+@dataclass(frozen=True)
+class DualConfig:
+    """Per-category dual variables lambda_k and their projected ascent (METHOD.md section 4)."""
+
+    eta: float = 0.5
+    #: Violation tolerance: one float, or one per category (same order as data.categories).
+    epsilon: float | list[float] = 0.02
+    lambda_init: float | list[float] = 0.0
+    lambda_max: float = 100.0
+    update_every: int = 1
+    violation: Literal["soft", "hard", "likelihood"] = "soft"
+    #: Margin aggregation m(C) over a pair's categories.
+    agg: Literal["sum", "mean", "max", "binding"] = "sum"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. DeepSpeed's dict is derived from these in train/ds_config.py only."""
+
+    seed: int = 0
+    epochs: int = 1
+    #: Stop after this many optimizer steps (``null`` = full epochs).
+    max_steps: int | None = None
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    #: ``torch``: torch.optim.AdamW handed to DeepSpeed (no C++ JIT build, the CPU default);
+    #: ``deepspeed``: DeepSpeed's fused/CPU Adam (GPU clusters, offload).
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
+    log_every: int = 1
+    #: Held-out evaluation every N optimizer steps (0 = only at the end).
+    eval_every: int = 0
+    #: Checkpoint every N optimizer steps (0 = only at the end).
+    checkpoint_every: int = 0
+    #: Stop (simulating a failure) after this step's checkpoint; for resume tests.
+    stop_after_step: int | None = None
+    #: Evaluate the reference and the policy on the held-out split (before/after table).
+    eval_before_after: bool = True
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Ray Train workers. ``num_workers=0`` is Ray Train local mode (in-process, no collectives)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    #: Connect here instead of $RAY_ADDRESS / a fresh local cluster.
+    ray_address: str | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    #: Fixed to the data pipeline's CPU budget; 0 = let Ray Data decide.
+    data_cpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the run directory and Ray's storage live."""
+
+    dir: str = "runs"
+    #: Run name; ``null`` = ``<loss>-<UTC time>-<random>`` (unique). Same name = resume.
+    name: str | None = None
+    #: Ray Train storage (checkpoints); ``null`` = ``<dir>/ray_storage``. Shared on multi-node.
+    storage_path: str | None = None
+    num_checkpoints_to_keep: int = 2
+    max_failures: int = 0
+    save_final: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metric sinks beyond metrics.jsonl."""
+
+    tensorboard: bool = True
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "catdpo-ray"
+    wandb_project: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation: offline preference accuracy and generation + judges (METHOD.md section 6)."""
+
+    #: Judges for generation-based safe ratio: any of ``rule``, ``classifier``, ``llm``.
+    judges: list[str] = field(default_factory=lambda: ["rule"])
+    generate: bool = True
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 32
+    max_prompts_per_category: int = 20
+    #: Classifier judge: HF sequence-classification / score model; cost > threshold = unsafe.
+    classifier_model: str | None = None
+    classifier_threshold: float = 0.0
+    classifier_higher_is_unsafe: bool = True
+    #: LLM judge over an OpenAI-compatible endpoint; key read from this environment variable.
+    llm_base_url: str | None = None
+    llm_model: str = "gpt-4.1"
+    llm_api_key_env: str = "OPENAI_API_KEY"
+    llm_timeout_s: float = 60.0
+    #: Benign prompts for over-refusal: ``bundled`` or an XSTest-format CSV/JSONL path.
+    benign: str = "bundled"
+    #: Reference model for implicit-reward accuracy (``null`` = the training config's model).
+    reference_model: str | None = None
+    output_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep over dual.eta x dual.epsilon (and any other key)."""
+
+    eta: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    epsilon: list[float] = field(default_factory=lambda: [0.02, 0.1])
+    #: Extra sweep axes: dotted key -> list of values (grid).
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+    search: Literal["grid", "random", "optuna"] = "grid"
+    #: Trials for random/optuna search (grid: repeats of the full grid).
+    num_samples: int = 1
+    asha: bool = True
+    asha_grace_period: int = 2
+    objective: str = "eval/worst3"
+    mode: Literal["max", "min"] = "max"
+    #: Helpfulness guard: trials whose eval/helpful_acc falls below this are marked infeasible.
+    helpfulness_floor: float = 0.0
+    #: 0 = derive from cluster resources / workers per trial.
+    max_concurrent: int = 0
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run. ``load_config`` builds it; sections are frozen."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    dual: DualConfig = field(default_factory=DualConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    # ---- derived quantities (the one place they are computed) ----
+    @property
+    def data_parallel_size(self) -> int:
+        """Number of data-parallel ranks (local mode counts as one)."""
+        return max(1, self.scaling.num_workers)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Pairs per optimizer step = micro x accumulation x workers."""
+        return self.train.micro_batch_size * self.train.grad_accum * self.data_parallel_size
+
+    @property
+    def pair_mode(self) -> str:
+        """Resolved pair construction mode."""
+        return DEFAULT_PAIRS_FOR_LOSS[self.loss.name] if self.data.pairs == "auto" else self.data.pairs
+
+    @property
+    def num_categories(self) -> int:
+        return len(self.data.categories)
+
+    def per_category(self, value: float | list[float]) -> list[float]:
+        """Broadcast a scalar-or-list dual option to one float per category."""
+        if isinstance(value, list):
+            return [float(v) for v in value]
+        return [float(value)] * self.num_categories
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: dict[str, Any] | list[str]) -> RunConfig:
+        """A new validated config with dotted overrides applied."""
+        raw = self.to_dict()
+        pairs = _parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        for key, value in pairs.items():
+            _set_dotted(raw, key, value)
+        return from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, _, text = item.partition("=")
+        out[key.strip()] = yaml.safe_load(text) if text.strip() != "" else None
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            where = ".".join(parts[: i + 1])
+            valid = sorted(k for k, v in node.items() if isinstance(v, dict)) if isinstance(node, dict) else []
+            raise ConfigError(f"unknown config section {where!r}; valid sections here: {valid}")
+        node = node[part]
+    last = parts[-1]
+    if last not in node:
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+    node[last] = value
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints widened to float where needed)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices or (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
+            raise ConfigError(f"{key}: {value!r} is not valid; choose one of {list(choices)}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, arm, value)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(f"{key} key", kt, k): _coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # pragma: no cover
+
+
+def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested dict (missing keys = defaults)."""
+    cfg = _build(RunConfig, raw or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (optional) and apply dotted ``key=value`` overrides, then validate."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    base = from_dict(raw).to_dict()
+    for key, value in _parse_overrides(overrides or []).items():
+        _set_dotted(base, key, value)
+    return from_dict(base)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a type annotation cannot express."""
+    k = cfg.num_categories
+    if k == 0:
+        raise ConfigError("data.categories: at least one category is required")
+    if len(set(cfg.data.categories)) != k:
+        raise ConfigError("data.categories: category names must be unique")
+    for name in ("epsilon", "lambda_init"):
+        value = getattr(cfg.dual, name)
+        if isinstance(value, list) and len(value) != k:
+            raise ConfigError(
+                f"dual.{name}: a list must have one value per category ({k} in data.categories), got {len(value)}"
+            )
+    for v in cfg.per_category(cfg.dual.lambda_init):
+        if not 0.0 <= v <= cfg.dual.lambda_max:
+            raise ConfigError(f"dual.lambda_init: {v} is outside [0, dual.lambda_max={cfg.dual.lambda_max}]")
+    if cfg.dual.eta < 0:
+        raise ConfigError("dual.eta: must be >= 0")
+    if cfg.dual.update_every < 1:
+        raise ConfigError("dual.update_every: must be >= 1")
+    if cfg.loss.beta <= 0:
+        raise ConfigError("loss.beta: must be > 0")
+    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError("loss.label_smoothing: must be in [0, 0.5)")
+    if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
+    if cfg.loss.name in ("catdpo", "safedpo") and cfg.pair_mode != "safety_aware":
+        raise ConfigError(
+            f"data.pairs={cfg.data.pairs!r} with loss.name={cfg.loss.name!r}: the safety margin needs "
+            "safety_gap, which only 'safety_aware' pairs define meaningfully; use data.pairs=safety_aware or auto"
+        )
+    if cfg.train.offload_param and cfg.train.zero_stage != 3:
+        raise ConfigError("train.offload_param needs train.zero_stage=3")
+    if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
+    if cfg.scaling.use_gpu and cfg.scaling.num_workers == 0:
+        raise ConfigError("scaling.use_gpu with num_workers=0 (local mode) is not supported; use >= 1 worker")
+    unknown_judges = sorted(set(cfg.eval.judges) - {"rule", "classifier", "llm"})
+    if unknown_judges:
+        raise ConfigError(f"eval.judges: unknown judge {unknown_judges[0]!r}; choose from ['classifier', 'llm', 'rule']")
+    if "classifier" in cfg.eval.judges and not cfg.eval.classifier_model:
+        raise ConfigError("eval.judges has 'classifier' but eval.classifier_model is not set")
+    if "llm" in cfg.eval.judges and not cfg.eval.llm_base_url:
+        raise ConfigError("eval.judges has 'llm' but eval.llm_base_url is not set")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_reference() -> str:
+    """A Markdown reference of every key, its type and default (for the README / ``catdpo-ray config``)."""
+    lines = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(cls: Any, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` |")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "PKU_CATEGORIES",
+    "ConfigError",
+    "RunConfig",
+    "load_config",
+    "from_dict",
+    "to_yaml",
+    "config_reference",
+]
