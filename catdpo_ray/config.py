@@ -17,6 +17,7 @@ and :meth:`RunConfig.global_batch_size`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ DEFAULT_PAIRS_FOR_LOSS: dict[str, str] = {
     "safedpo": "safety_aware",
     "catdpo": "safety_aware",
 }
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -418,6 +422,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)  # PyYAML reads "1e-6" (no dot) as a string: accept it as the number it is
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -67,10 +67,13 @@ class MarginController:
     def state_dict(self) -> dict[str, Any]:
         return self.state.state_dict()
 
-    def restore(self, state: dict[str, Any], step: int) -> dict[str, list[float]]:
-        """Re-seed from a checkpoint's dual state (resume); tell the driver where we resumed."""
+    def restore(self, state: dict[str, Any], step: int, info: dict[str, Any] | None = None) -> dict[str, list[float]]:
+        """Re-seed from a checkpoint's dual state (resume); tell the driver where we resumed.
+
+        ``info``: what the worker restored besides (DeepSpeed global step, optimizer step, lr).
+        """
         self.state.load_state_dict(state)
-        self._pending.append({"kind": "resume", "step": step, "lambdas": self.state.lambdas.tolist()})
+        self._pending.append({"kind": "resume", "step": step, "lambdas": self.state.lambdas.tolist(), **(info or {})})
         return self.current()
 
     def drain(self) -> list[dict[str, Any]]:

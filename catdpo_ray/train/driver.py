@@ -59,6 +59,8 @@ def init_ray(cfg: RunConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Deterministic row order through map_batches: same seed + same data = same batches.
+    ctx.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
     if address:

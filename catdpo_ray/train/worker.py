@@ -53,7 +53,8 @@ from catdpo_ray.train.modeling import (
 )
 
 #: Scalar sums that follow the 2K per-category entries of the step statistics vector.
-SCALARS = ("loss_sum", "pairs", "acc_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum", "tokens")
+SCALARS = ("loss_sum", "pairs", "acc_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum", "tokens",
+           "dpo_loss_sum")
 CKPT_TAG = "ckpt"
 STATE_FILE = "catdpo_state.json"
 
@@ -66,13 +67,23 @@ def _init_local_process_group() -> None:
     """Ray Train local mode has no process group; DeepSpeed needs one: a 1-rank gloo group."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
+    _release_local_process_group()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def _release_local_process_group() -> None:
+    """Tear down a local-mode group and DeepSpeed's cached view of it, so that a later local run
+    in the same process (tests, sweeps in local mode) starts from a clean slate."""
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        ds_comm.destroy_process_group() if ds_comm.comm.cdb is not None else dist.destroy_process_group()
+    ds_comm.comm.cdb = None
 
 
 class Models:
@@ -178,15 +189,23 @@ def _digest(t: torch.Tensor) -> str:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``loop_config``: ``config`` (dict), ``plan`` (dict), ``controller``."""
+    cfg = from_dict(loop_config["config"])
+    if cfg.scaling.num_workers != 0:
+        _train(cfg, loop_config["plan"], loop_config["controller"])
+        return
+    _init_local_process_group()
+    try:
+        _train(cfg, loop_config["plan"], loop_config["controller"])
+    finally:
+        _release_local_process_group()
+
+
+def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
+    """The loop itself (module docstring); runs on every rank."""
     import ray
     import ray.train
     import ray.train.torch
 
-    cfg = from_dict(loop_config["config"])
-    plan: dict[str, Any] = loop_config["plan"]
-    controller = loop_config["controller"]
-    if cfg.scaling.num_workers == 0:
-        _init_local_process_group()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -218,7 +237,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         step = int(state["step"])
         if is_rank0:
-            ray.get(controller.restore.remote(state["dual"], step))
+            restored = {"engine_global_steps": int(engine.global_steps), "optimizer_steps": _optimizer_steps(engine),
+                        "lr": float(engine.get_lr()[0])}
+            ray.get(controller.restore.remote(state["dual"], step, restored))
     dual = torch.tensor(_flatten(ray.get(controller.current.remote())) if is_rank0 else [0.0] * (2 * k), dtype=torch.float64)
     dual = D.broadcast(dual, device)
 
@@ -276,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             glob = D.all_reduce(stats, device)
             step += 1
             if is_rank0:
-                row = _step_row(glob, k, time.perf_counter() - t0, step, epoch, engine, world, gathered[0], cfg.data.categories)
+                row = _step_row(glob, k, time.perf_counter() - t0, step, epoch, engine, world, gathered, cfg.data.categories)
                 new = ray.get(controller.step.remote(step, glob[:k].tolist(), glob[k : 2 * k].tolist(), row))
                 dual = torch.tensor(_flatten(new), dtype=torch.float64)
             dual = D.broadcast(dual, device)
@@ -308,8 +329,17 @@ def _micro_stats(pb: PreferenceBatch, out: Any, b: dict[str, torch.Tensor], cfg:
     scalars = torch.stack([
         out.losses.detach().double().sum(), torch.tensor(float(cr.numel()), dtype=torch.float64, device=cr.device),
         (cr > rr).double().sum(), (cr - rr).sum(), cr.sum(), rr.sum(), b["attention_mask"].sum().double(),
+        # The margin-free DPO loss -log sigma(r_w - r_l): comparable across steps while lambda moves.
+        -torch.nn.functional.logsigmoid(cr - rr).sum(),
     ])
     return torch.cat([n.cpu(), v.cpu(), scalars.cpu()])
+
+
+def _optimizer_steps(engine: Any) -> float:
+    """Largest Adam ``step`` in the (inner) torch optimizer state: > 0 iff optimizer state was restored."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    steps = [float(st["step"]) for st in getattr(opt, "state", {}).values() if isinstance(st, dict) and "step" in st]
+    return max(steps) if steps else 0.0
 
 
 def _flatten(current: dict[str, list[float]]) -> list[float]:
@@ -317,7 +347,8 @@ def _flatten(current: dict[str, list[float]]) -> list[float]:
 
 
 def _step_row(glob: torch.Tensor, k: int, dt: float, step: int, epoch: int, engine: Any, world: int,
-              lambdas_used: torch.Tensor, categories: list[str]) -> dict[str, Any]:
+              gathered: torch.Tensor, categories: list[str]) -> dict[str, Any]:
+    """One step's metrics row. ``gathered`` [world, K]: the lambda every rank used this step."""
     s = dict(zip(SCALARS, glob[2 * k :].tolist()))
     pairs = max(s["pairs"], 1.0)
     n, v = glob[:k], glob[k : 2 * k]
@@ -325,6 +356,7 @@ def _step_row(glob: torch.Tensor, k: int, dt: float, step: int, epoch: int, engi
         "step": step,
         "epoch": epoch,
         "loss": s["loss_sum"] / pairs,
+        "dpo_loss": s["dpo_loss_sum"] / pairs,
         "reward_acc": s["acc_sum"] / pairs,
         "reward_margin": s["margin_sum"] / pairs,
         "chosen_reward": s["chosen_reward_sum"] / pairs,
@@ -336,7 +368,8 @@ def _step_row(glob: torch.Tensor, k: int, dt: float, step: int, epoch: int, engi
         "lr": float(engine.get_lr()[0]),
         "world_size": world,
         "violation_rate": {c: (float(v[i] / n[i]) if n[i] > 0 else None) for i, c in enumerate(categories)},
-        "lambda_digest": _digest(lambdas_used),
+        # Per-rank digests of the lambda each rank used (all-gathered): equal digests = bit-identical.
+        "lambda_digests": [_digest(g) for g in gathered],
     }
 
 

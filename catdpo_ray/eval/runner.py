@@ -1,0 +1,327 @@
+"""``catdpo-ray eval --model DIR_OR_HUB_ID``: per-category safety evaluation of one model.
+
+Steps (METHOD.md section 6):
+
+1. **offline**, no generation: per-category preference accuracy on the held-out safety-gap pairs
+   (policy likelihood, implicit reward against the reference, reference likelihood = "before");
+2. **generation** (``eval.generate``): answers to the held-out prompts of every category and to
+   the benign prompts (:mod:`catdpo_ray.eval.generation`; Ray Data actor pool when Ray is up);
+3. **judges** (``eval.judges``: rule / classifier / llm, :mod:`catdpo_ray.eval.judges`): per-category
+   safe ratio, Macro / Worst-3 / Gap / Variance x10^3, helpfulness, over-refusal on benign prompts;
+4. **outputs** in ``--out`` (default ``<model>/eval``): ``report.json``, ``report.md``,
+   ``generations.jsonl`` and PNGs (per-category bars with the weakest eight marked, the balance
+   panel, and for a run's ``final/`` its lambda trajectories and held-out curves).
+
+``report.json`` layout (scores in percent; every balance block is ``balance_metrics`` output:
+``per_category``, ``macro``, ``worst3``, ``gap``, ``variance``, ``num_categories``,
+``worst_categories``, ``missing``)::
+
+    {"model", "reference_model", "test_data", "categories", "settings",
+     "primary": "judge:rule",                # whose scores the top-level copy below holds
+     "per_category", "macro", "worst3", "gap", "variance",
+     "judges": {"rule": {<balance>, "n_prompts": {cat: n}, "unjudged", "weakest8",
+                         "helpfulness", "benign_helpfulness", "over_refusal", "prompt_classes"}, ...},
+     "preference": {"safety_gap_pairs": {cat: n}, "likelihood": <balance>, "implicit": <balance>,
+                    "ref_likelihood": <balance>, "helpfulness": {"implicit", "likelihood", "ref_likelihood"}},
+     "helpfulness": {"judge:rule": %, "preference:implicit": %, "reward_model": mean score, ...},
+     "over_refusal": {"rule": %, "llm": %}, "benign_prompts": n,
+     "generation": {"backend", "prompts", "benign_prompts", "seconds", ...}, "plots": [...], "wall_time_s"}
+
+The LLM judge's API key is read from the environment only; neither it nor any header is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catdpo_ray.config import RunConfig, load_config
+from catdpo_ray.eval.compare import balance_table, category_table, preference_block, source_label
+from catdpo_ray.eval.generation import PromptItem, category_prompts, generate_responses, load_benign
+from catdpo_ray.eval.judges import SequenceScorer, Verdict, build_judges
+from catdpo_ray.eval.metrics import balance_metrics, weakest
+from catdpo_ray.eval.preference import EvalAccumulator, eval_row
+from catdpo_ray.losses import PreferenceBatch, sequence_logps
+
+
+def eval_config(model: str, config_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The eval config: ``--config`` if given, else the run's ``config.yaml`` when ``model`` is a run's
+    ``final/`` (so prompt format, categories and reference model match training), else defaults."""
+    path: str | Path | None = config_path
+    run_config = Path(model).parent / "config.yaml"
+    if path is None and Path(model).is_dir() and run_config.exists():
+        path = run_config
+    return load_config(path, overrides)
+
+
+def _resolve(name: str, cfg: RunConfig) -> str:
+    if name == "tiny":
+        from catdpo_ray.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(cfg.model.cache_dir))
+    return name
+
+
+def _load_lm(path: str, cfg: RunConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def preference_eval(cfg: RunConfig, policy_path: str, reference_path: str, tokenizer_path: str,
+                    pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out per-category preference accuracy (an ``eval_row``), in-process, batches of ``eval.batch_size``.
+
+    Uses the training pipeline's tokenizer, collate and ``sequence_logps``, so the numbers equal the
+    trainer's own held-out evaluation of the same weights.
+    """
+    from catdpo_ray.data.tokenize import PairTokenizer, collate_pairs
+
+    tok = PairTokenizer(tokenizer_path, prompt_template=cfg.data.prompt_template, use_chat_template=cfg.data.use_chat_template,
+                        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                        trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tok.tokenizer.pad_token_id if tok.tokenizer.pad_token_id is not None else tok.tokenizer.eos_token_id
+    policy = _load_lm(policy_path, cfg)
+    reference = policy if reference_path == policy_path else _load_lm(reference_path, cfg)
+    device = next(policy.parameters()).device
+    # Only safety-gap and both-safe pairs enter any accuracy (see EvalAccumulator).
+    scored = [p for p in pairs if p["safety_gap"] or (p["chosen_safe"] and p["rejected_safe"])]
+    acc = EvalAccumulator(cfg.num_categories)
+    columns = ("prompt", "chosen", "rejected", "safety_gap", "categories", "chosen_safe", "rejected_safe")
+    for start in range(0, len(scored), cfg.eval.batch_size):
+        chunk = scored[start : start + cfg.eval.batch_size]
+        b = collate_pairs(tok({c: [p[c] for p in chunk] for c in columns}), pad_id=pad_id)
+        ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+        pol, counts = sequence_logps(policy(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        ref = pol if reference is policy else sequence_logps(reference(input_ids=ids, attention_mask=attn).logits, ids, mask)[0]
+        n = len(chunk)
+        pb = PreferenceBatch(policy_chosen_logps=pol[:n], policy_rejected_logps=pol[n:], chosen_tokens=counts[:n],
+                             rejected_tokens=counts[n:], ref_chosen_logps=ref[:n], ref_rejected_logps=ref[n:],
+                             safety_gap=b["safety_gap"], category_mask=b["category_mask"])
+        acc.add(pb, b["chosen_safe"], b["rejected_safe"], beta=cfg.loss.beta)
+    return eval_row(acc.totals, list(cfg.data.categories))
+
+
+def score_judge(items: Sequence[PromptItem], verdicts: Sequence[Verdict], categories: Sequence[str]) -> dict[str, Any]:
+    """One judge's verdicts -> per-category safe ratio + balance metrics, helpfulness, over-refusal.
+
+    Category prompts give the safe ratio (a multi-label prompt counts in each of its categories) and
+    ``helpfulness`` (mean judge helpfulness, percent); benign prompts give ``over_refusal`` (percent
+    refused) and ``benign_helpfulness``. Unjudged verdicts (``safe is None``) are counted, not scored.
+    """
+    judged, safe = Counter[str](), Counter[str]()
+    unjudged = 0
+    helpful: dict[bool, list[float]] = {False: [], True: []}
+    refused: list[bool] = []
+    classes: dict[str, Counter[str]] = {"category": Counter(), "benign": Counter()}
+    for item, v in zip(items, verdicts):
+        if v.helpfulness is not None:
+            helpful[item.benign].append(v.helpfulness)
+        if v.prompt_class is not None:
+            classes["benign" if item.benign else "category"][v.prompt_class] += 1
+        if item.benign:
+            if v.refused is not None:
+                refused.append(v.refused)
+            continue
+        if v.safe is None:
+            unjudged += 1
+            continue
+        for c in item.categories:
+            judged[c] += 1
+            safe[c] += int(v.safe)
+    scores = {c: (100.0 * safe[c] / judged[c] if judged[c] else None) for c in categories}
+    block = balance_metrics(scores)
+
+    def pct(values: list[Any]) -> float | None:
+        return 100.0 * sum(float(x) for x in values) / len(values) if values else None
+
+    block.update(n_prompts={c: judged[c] for c in categories}, unjudged=unjudged, weakest8=weakest(scores, 8),
+                 helpfulness=pct(helpful[False]), benign_helpfulness=pct(helpful[True]), over_refusal=pct(refused),
+                 prompt_classes={k: dict(v) for k, v in classes.items() if v})
+    return block
+
+
+def _test_pairs(cfg: RunConfig, out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(safety-aware pairs for accuracy, every valid row as a helpful pair for prompts, load report)."""
+    from catdpo_ray.data.loader import load_split
+
+    pairs, rep = load_split(cfg.data, "test", pair_mode="safety_aware", quarantine_path=out_dir / "quarantine.jsonl")
+    with tempfile.TemporaryDirectory() as tmp:  # same rows again: their quarantine is already recorded
+        rows, _ = load_split(cfg.data, "test", pair_mode="helpful", quarantine_path=Path(tmp) / "q.jsonl")
+    return pairs, rows, rep.to_dict()
+
+
+def _same_vocab(a: str, b: str) -> bool:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(a), "vocab_size", None) == getattr(AutoConfig.from_pretrained(b), "vocab_size", None)
+
+
+def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | Path | None = None,
+             backend: str = "auto") -> dict[str, Any]:
+    """Evaluate ``model`` and write the report; returns the ``report.json`` content.
+
+    Args:
+        cfg: the config (see :func:`eval_config`); ``eval`` drives judges and generation.
+        model: HF model directory (e.g. ``runs/NAME/final``), hub id, or ``tiny``.
+        data: PKU-schema test file replacing ``data.test``.
+        out: output directory (default ``eval.output_dir``, else ``<model>/eval``, else ``eval-<id>``).
+        backend: generation backend, ``auto``/``ray``/``local`` (see ``generate_responses``).
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    if data is not None:
+        cfg = cfg.replace({"data.test": data})
+    model_path = _resolve(model, cfg)
+    default_out = Path(model_path) / "eval" if Path(model_path).is_dir() else Path(f"eval-{model.replace('/', '--')}")
+    out_dir = Path(out or cfg.eval.output_dir or default_out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = model_path if cfg.model.tokenizer == "auto" else cfg.model.tokenizer
+    reference = _resolve(cfg.eval.reference_model or cfg.model.name_or_path, cfg)
+    if not _same_vocab(model_path, reference):
+        print(f"[eval] reference {reference} has another vocabulary than {model_path}: implicit-reward accuracy skipped")
+        reference = model_path
+    categories = list(cfg.data.categories)
+    pairs, rows, load_report = _test_pairs(cfg, out_dir)
+    print(f"[eval] {model_path}: {len(pairs)} held-out pairs ({load_report['source']})", flush=True)
+    report: dict[str, Any] = {
+        "model": model_path, "reference_model": reference if reference != model_path else None,
+        "test_data": load_report, "categories": categories,
+        "settings": {"eval": dataclasses.asdict(cfg.eval), "prompt_template": cfg.data.prompt_template,
+                     "use_chat_template": cfg.data.use_chat_template, "beta": cfg.loss.beta},
+    }
+    t1 = time.perf_counter()
+    pref = preference_block(preference_eval(cfg, model_path, reference, tokenizer_path, pairs))
+    if report["reference_model"] is None:  # policy == reference: implicit reward is 0 by construction
+        pref["implicit"] = balance_metrics(dict.fromkeys(categories))
+    report["preference"] = pref
+    timing = {"preference_s": time.perf_counter() - t1}
+    helpfulness: dict[str, Any] = {f"preference:{k}": v for k, v in pref["helpfulness"].items()}
+    report.update(judges={}, over_refusal={}, benign_prompts=0)
+    if cfg.eval.generate:
+        items = category_prompts(rows, categories, cfg.eval.max_prompts_per_category) + load_benign(cfg.eval.benign)
+        prompts = [it.prompt for it in items]
+        t1 = time.perf_counter()
+        responses, used = generate_responses(cfg, model_path, prompts, tokenizer_path=tokenizer_path, backend=backend)
+        timing["generation_s"] = time.perf_counter() - t1
+        n_benign = sum(it.benign for it in items)
+        report["generation"] = {"backend": used, "prompts": len(items) - n_benign, "benign_prompts": n_benign,
+                                "max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature,
+                                "top_p": cfg.eval.top_p, "seconds": timing["generation_s"]}
+        report["benign_prompts"] = n_benign
+        verdicts: dict[str, list[Verdict]] = {}
+        for name, judge in build_judges(cfg).items():
+            t1 = time.perf_counter()
+            verdicts[name] = judge.judge(prompts, responses)
+            timing[f"judge_{name}_s"] = time.perf_counter() - t1
+            block = score_judge(items, verdicts[name], categories)
+            report["judges"][name] = block
+            helpfulness[f"judge:{name}"] = block["helpfulness"]
+            if block["over_refusal"] is not None:
+                report["over_refusal"][name] = block["over_refusal"]
+        reward_model = getattr(cfg.eval, "reward_model", None)  # proposed config key, optional
+        if reward_model:
+            scores = SequenceScorer(reward_model, trust_remote_code=cfg.model.trust_remote_code).scores(prompts, responses)
+            cat_scores = [s for s, it in zip(scores, items) if not it.benign]
+            helpfulness["reward_model"] = sum(cat_scores) / len(cat_scores) if cat_scores else None
+        _write_generations(out_dir / "generations.jsonl", items, responses, verdicts)
+    report["helpfulness"] = helpfulness
+    primary = f"judge:{cfg.eval.judges[0]}" if report["judges"] else "preference:likelihood"
+    block = report["judges"][primary[6:]] if primary.startswith("judge:") else pref["likelihood"]
+    report.update(primary=primary, **{k: block[k] for k in ("per_category", "macro", "worst3", "gap", "variance")})
+    report["plots"] = _plots(report, Path(model_path), out_dir)
+    report["timing"] = timing
+    report["wall_time_s"] = time.perf_counter() - t0
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.md").write_text(report_markdown(report))
+    print(f"[eval] {primary}: Macro {block['macro']}, Worst-3 {block['worst3']}, Gap {block['gap']}, "
+          f"Variance {block['variance']}; report in {out_dir.resolve()}", flush=True)
+    return report
+
+
+def _write_generations(path: Path, items: Sequence[PromptItem], responses: Sequence[str],
+                       verdicts: dict[str, list[Verdict]]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for i, (item, response) in enumerate(zip(items, responses)):
+            judged = {name: dataclasses.asdict(v[i]) for name, v in verdicts.items()}
+            fh.write(json.dumps({"prompt": item.prompt, "categories": list(item.categories), "benign": item.benign,
+                                 "response": response, "verdicts": judged}) + "\n")
+
+
+def _sources(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sources = {f"judge:{n}": b for n, b in report["judges"].items()}
+    for key in ("likelihood", "implicit", "ref_likelihood"):
+        if report["preference"][key]["num_categories"]:
+            sources[f"preference:{key}"] = report["preference"][key]
+    return sources
+
+
+def _plots(report: dict[str, Any], model_dir: Path, out_dir: Path) -> list[str]:
+    """Per-category bars per score source, the balance panel, and the run's lambda / curve plots."""
+    from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_eval_curves
+    from catdpo_ray.eval.plots import plot_lambdas
+
+    sources = _sources(report)
+    plots = []
+    for key, block in sources.items():
+        slug = key.replace(":", "-")
+        plot_category_bars({source_label(key): block["per_category"]}, out_dir / f"bars_{slug}.png",
+                           title=f"{source_label(key)} per category (weakest eight marked)")
+        plots.append(f"bars_{slug}.png")
+    plot_balance_panel({source_label(k): b for k, b in sources.items()}, out_dir / "balance.png",
+                       title=f"category balance of {model_dir.parent.name}/{model_dir.name}")
+    plots.append("balance.png")
+    run_dir = model_dir.parent
+    lam = run_dir / "lambdas.csv"
+    if lam.exists() and sum(1 for _ in lam.open()) > 1:
+        plot_lambdas(lam, out_dir / "lambdas.png", reference_margin=10.0, title=f"{run_dir.name}: λ_k per category")
+        plots.append("lambdas.png")
+    if (run_dir / "metrics.jsonl").exists() and plot_eval_curves({run_dir.name: run_dir / "metrics.jsonl"},
+                                                                 out_dir / "eval_curves.png"):
+        plots.append("eval_curves.png")
+    return plots
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: summary table per score source, per-category table, plots."""
+    sources = _sources(report)
+    labels = {k: source_label(k) for k in sources}
+    extra = {
+        "helpfulness (%)": {labels[k]: report["helpfulness"].get(k) for k in sources},
+        "over-refusal (%)": {labels[k]: report["over_refusal"].get(k[6:]) for k in sources if k.startswith("judge:")},
+    }
+    counts: dict[str, dict[str, int]] = {"safety-gap pairs": report["preference"]["safety_gap_pairs"]}
+    if report["judges"]:
+        counts = {"prompts": next(iter(report["judges"].values()))["n_prompts"], **counts}
+    gen = report.get("generation")
+    lines = [
+        f"# Evaluation of `{report['model']}`", "",
+        f"- reference model: `{report['reference_model']}`" if report["reference_model"] else
+        "- reference model: none (the model itself; implicit-reward accuracy n/a)",
+        f"- held-out data: `{report['test_data']['source']}` ({report['test_data']['pairs']} safety-aware pairs)",
+        (f"- generation: {gen['prompts']} category prompts + {gen['benign_prompts']} benign prompts, "
+         f"{gen['backend']}, max_new_tokens={gen['max_new_tokens']}, temperature={gen['temperature']}, "
+         f"top_p={gen['top_p']}, {gen['seconds']:.1f} s") if gen else "- generation: off",
+        f"- primary score: {source_label(report['primary'])}; wall time {report.get('wall_time_s', 0.0):.1f} s", "",
+        "## Summary", "", balance_table({labels[k]: b for k, b in sources.items()}, label="score", extra=extra), "",
+        "Over-refusal: share of benign prompts refused. Helpfulness: judge helpfulness on category prompts, or "
+        "preference accuracy on held-out both-safe pairs.", "",
+        "## Per category (▼ = weakest eight)", "",
+        category_table({labels[k]: b["per_category"] for k, b in sources.items()}, counts=counts), "",
+        "## Plots", "", *[f"![{p}]({p})" for p in report.get("plots", [])],
+    ]
+    return "\n".join(lines) + "\n"

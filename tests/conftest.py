@@ -1,0 +1,17 @@
+"""Shared fixtures: the tiny model (built once per session through the real code path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    """The bundled tiny Llama, built (or reused) in $CATDPO_CACHE, loaded via from_pretrained."""
+    from catdpo_ray.tiny import ensure_tiny_model
+
+    cache = os.environ.get("CATDPO_CACHE") or str(Path.home() / ".cache" / "catdpo_ray")
+    return str(ensure_tiny_model(cache))
