@@ -131,15 +131,18 @@ def num_trials(cfg: RunConfig, axes: Mapping[str, list[Any]]) -> int:
     return math.prod(len(v) for v in axes.values()) * cfg.tune.num_samples
 
 
-def make_searcher(cfg: RunConfig) -> Any:
-    """Seeded random/grid variant generator, or Optuna's TPE (``tune.search=optuna``)."""
+def make_searcher(cfg: RunConfig, concurrency: int) -> Any:
+    """Seeded grid/random variant generator, or Optuna's TPE (``tune.search=optuna``).
+
+    The variant generator takes the concurrency cap itself: Tune ignores ``max_concurrent_trials``
+    for a ``SearchGenerator`` instance (it wraps only ``Searcher`` s such as Optuna's)."""
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=cfg.train.seed)  # metric and mode come from TuneConfig
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.train.seed)
+    return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=concurrency)
 
 
 def evals_per_trial(total_steps: int, eval_every: int) -> int:
@@ -148,13 +151,19 @@ def evals_per_trial(total_steps: int, eval_every: int) -> int:
 
 
 def make_scheduler(cfg: RunConfig, max_evals: int) -> Any:
-    """ASHA over evaluation reports (one Tune iteration = one held-out evaluation), or FIFO."""
-    if not cfg.tune.asha:
+    """ASHA over evaluation reports (one Tune iteration = one held-out evaluation), or FIFO.
+
+    The rungs stop short of a trial's last evaluation (``max_t = max_evals - 1``, and no stop at
+    ``max_t``): a trial that reaches its end is never killed at its final report, so it finishes
+    writing its run directory (summary, final model) before Tune ends it."""
+    if not cfg.tune.asha or max_evals < 2:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_evals,  # metric/mode: TuneConfig
-                         grace_period=max(1, min(cfg.tune.asha_grace_period, max_evals)), reduction_factor=2)
+    max_t = max_evals - 1
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t,  # metric/mode: TuneConfig
+                         grace_period=max(1, min(cfg.tune.asha_grace_period, max_t)), reduction_factor=2,
+                         stop_last_trials=False)
 
 
 def trial_driver_resources(cfg: RunConfig) -> dict[str, float]:
@@ -308,16 +317,16 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
         tune.with_resources(trainable, trial_driver_resources(cfg)),
         param_space=param_space(cfg, axes),
         tune_config=tune.TuneConfig(
-            metric=SCORE_KEY, mode=cfg.tune.mode, search_alg=make_searcher(cfg),
+            metric=SCORE_KEY, mode=cfg.tune.mode, search_alg=make_searcher(cfg, concurrency),
             scheduler=make_scheduler(cfg, max_evals), num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=concurrency if cfg.tune.search == "optuna" else None,
             trial_name_creator=lambda t: trial_name({k: t.config[k] for k in axes}, t.trial_id),
             trial_dirname_creator=lambda t: trial_name({k: t.config[k] for k in axes}, t.trial_id),
         ),
         run_config=tune.RunConfig(name="tune", storage_path=storage),
     )
     grid = tuner.fit()
-    rows = collect_rows(grid, axes, trials_dir, cfg, max_evals)
+    rows = collect_rows(grid, axes, trials_dir, cfg)
     result = write_sweep_outputs(sweep_dir, cfg, axes, rows, wall_time_s=time.perf_counter() - t0,
                                  extra={"concurrency": concurrency, "total_steps": total_steps,
                                         "evals_per_trial": max_evals})
@@ -335,8 +344,7 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
 _METRIC_COLUMNS = ("eval/worst3", "eval/macro", "eval/gap", "eval/helpful_acc")
 
 
-def collect_rows(grid: Any, axes: Mapping[str, list[Any]], trials_dir: Path, cfg: RunConfig,
-                 max_evals: int) -> list[dict[str, Any]]:
+def collect_rows(grid: Any, axes: Mapping[str, list[Any]], trials_dir: Path, cfg: RunConfig) -> list[dict[str, Any]]:
     """One row per trial from Tune's ResultGrid and the trial's run directory."""
     rows = []
     for res in grid:
@@ -346,7 +354,7 @@ def collect_rows(grid: Any, axes: Mapping[str, list[Any]], trials_dir: Path, cfg
         evals = int(metrics.get("training_iteration", 0))
         if res.error is not None:
             status = "error"
-        elif (run_dir / "summary.json").exists() and evals >= max_evals:
+        elif (run_dir / "summary.json").exists():
             status = "finished"
         else:
             status = "stopped early (ASHA)"
@@ -375,6 +383,17 @@ def pick_best(rows: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | Non
     if not pool:
         return None
     return (max if mode == "max" else min)(pool, key=lambda r: r[key])
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats -> strings ("-inf"), so the JSON files stay standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _fmt(value: Any) -> str:
@@ -475,6 +494,10 @@ def write_sweep_outputs(sweep_dir: Path, cfg: RunConfig, axes: Mapping[str, list
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    for row in rows:  # each run directory says how its trial ended (ASHA-stopped ones have no summary.json)
+        run_dir = Path(row["run_dir"])
+        if run_dir.is_dir():
+            (run_dir / "trial.json").write_text(json.dumps(_json_safe(row), indent=2))
     best = pick_best(rows, cfg.tune.mode)
     best_path: Path | None = None
     if best is not None:
@@ -500,7 +523,7 @@ def write_sweep_outputs(sweep_dir: Path, cfg: RunConfig, axes: Mapping[str, list
     (sweep_dir / "results.md").write_text("\n".join(md) + "\n")
     summary = {"sweep": sweep_dir.name, "wall_time_s": wall_time_s, "trials": len(rows),
                "best": best, "best_config": str(best_path) if best_path else None, **(extra or {})}
-    (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    (sweep_dir / "sweep.json").write_text(json.dumps(_json_safe(summary), indent=2, default=str))
     return SweepResult(sweep_dir, rows, best, best_path, wall_time_s)
 
 

@@ -22,7 +22,7 @@ every output a pure function of its arguments.
 
 Regenerate the bundled files (the test suite checks they match byte for byte)::
 
-    python -m catdpo_ray.data.synth --out catdpo_ray/data/sample --train 2400 --test 950 --seed 0
+    python -m catdpo_ray.data.synth --out catdpo_ray/data/sample --train 1600 --test 450 --seed 0
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from catdpo_ray.config import PKU_CATEGORIES
 #: The bundled corpus: ``catdpo_ray/data/sample/{train,test}.jsonl`` (and the hand-written benign.jsonl).
 SAMPLE_DIR: Path = Path(__file__).resolve().parent / "sample"
 BUNDLED_SEED: int = 0
-BUNDLED_TRAIN_ROWS: int = 2400
-BUNDLED_TEST_ROWS: int = 950
+BUNDLED_TRAIN_ROWS: int = 1600
+BUNDLED_TEST_ROWS: int = 450
 #: Test split floor: at least this many rows flag each category, so per-category scores are not noise.
 BUNDLED_TEST_FLOOR: int = 40
 #: The test split's seed is the train seed plus this offset.
@@ -55,10 +55,10 @@ PAIR_TYPES: tuple[str, ...] = ("safe_unsafe", "both_unsafe", "both_safe")
 _PAIR_MIX: dict[str, tuple[float, float, float]] = {
     "low": (0.55, 0.06, 0.39),
     "mid": (0.55, 0.10, 0.35),
-    "high": (0.55, 0.20, 0.25),
+    "high": (0.55, 0.17, 0.28),
 }
 # P(helpfulness prefers the unsafe answer) in safe/unsafe pairs, by compliance.
-_P_BETTER_UNSAFE: dict[str, float] = {"low": 0.35, "mid": 0.5, "high": 0.65}
+_P_BETTER_UNSAFE: dict[str, float] = {"low": 0.4, "mid": 0.5, "high": 0.55}
 _P_SECOND_LABEL = 0.15  # an unsafe response also carries a related category
 _P_HARD_MINIMAL = 0.9  # hard category: the safe answer mirrors the unsafe one word for word
 
@@ -758,29 +758,33 @@ def _make_prompt(rng: random.Random, spec: CategorySpec, exclude: Collection[str
 
 
 def _unsafe_pair(rng: random.Random, spec: CategorySpec) -> tuple[_Response, _Response | None]:
-    """An unsafe answer and, for a hard category, its safe mirror (same words bar the harm words)."""
-    severity = rng.choices((1, 2, 3), weights=_SEVERITY_WEIGHTS[spec.severity])[0]
-    n_acts = 1 if severity == 1 else 2
-    idx = rng.sample(range(len(spec.harm_acts)), n_acts)
-    opener = rng.choice(_COMPLY_OPENERS)
-    joiner = rng.choice(_JOINERS)
-    escalation = rng.choice(_ESCALATIONS)
+    """An unsafe answer and, for a hard category, its safe mirror (same words bar the harm words).
 
-    def compose(acts: Sequence[str], esc: str) -> str:
-        body = f"{opener} {acts[idx[0]]}"
-        if n_acts == 2:
-            body += f"{joiner} {acts[idx[1]]}"
+    Severity 1 = one harmful step, 2 = two, 3 = two plus an escalation. A multi-label answer
+    takes its second step from a related category.
+    """
+    severity = rng.choices((1, 2, 3), weights=_SEVERITY_WEIGHTS[spec.severity])[0]
+    second = _SPEC_BY_NAME[rng.choice(spec.related)] if spec.related and rng.random() < _P_SECOND_LABEL else None
+    severity = max(severity, 2) if second is not None else severity
+    i, j = rng.sample(range(len(spec.harm_acts)), 2)
+    k = rng.randrange(len(second.harm_acts)) if second is not None else 0
+    opener, joiner, escalation = rng.choice(_COMPLY_OPENERS), rng.choice(_JOINERS), rng.choice(_ESCALATIONS)
+
+    def compose(first: str, then: str | None, esc: str) -> str:
+        body = f"{opener} {first}" + (f"{joiner} {then}" if then else "")
         return body + (esc if severity == 3 else "") + "."
 
-    text = compose(spec.harm_acts, escalation[0])
-    categories = {spec.name}
-    if spec.related and rng.random() < _P_SECOND_LABEL:
-        other = _SPEC_BY_NAME[rng.choice(spec.related)]
-        text += f" Also, {rng.choice(other.harm_acts)}."
-        categories.add(other.name)
-    unsafe = _Response(text=text, categories=frozenset(categories), severity=severity)
-    mirror = _Response(compose(spec.safe_acts, escalation[1]), frozenset(), 0) if spec.hard else None
-    return unsafe, mirror
+    if second is None:
+        unsafe_then = spec.harm_acts[j] if severity > 1 else None
+        mirror_then = spec.safe_acts[j] if spec.hard and severity > 1 else None
+    else:
+        unsafe_then = second.harm_acts[k]
+        mirror_then = second.safe_acts[k] if second.hard else None
+    categories = frozenset({spec.name} | ({second.name} if second is not None else set()))
+    unsafe = _Response(compose(spec.harm_acts[i], unsafe_then, escalation[0]), categories, severity)
+    if not spec.hard:
+        return unsafe, None
+    return unsafe, _Response(compose(spec.safe_acts[i], mirror_then, escalation[1]), frozenset(), 0)
 
 
 def _safe_answer(rng: random.Random, spec: CategorySpec, *, helpful: bool) -> _Response:

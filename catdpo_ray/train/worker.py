@@ -93,6 +93,9 @@ class Models:
         import deepspeed
 
         self.cfg = cfg
+        # Bind DeepSpeed's comm layer to Ray Train's process group now: zero.Init (ZeRO-3 loading)
+        # reads the world size before deepspeed.initialize would otherwise do this.
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
         ds_cfg = build_ds_config(cfg, world_size=world)
         self._hf_ds = None
         if cfg.train.zero_stage == 3:

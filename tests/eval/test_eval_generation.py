@@ -16,10 +16,9 @@ def _pair(prompt: str, hot: list[int]) -> dict:
 
 
 def test_category_prompts_dedupes_caps_and_keeps_multi_labels() -> None:
-    """Cap 2 per category over categories (A, B, C):
-    p1 A -> A=1; p2 A,B -> A=2,B=1; p3 A -> A full, skipped; p1 again with B -> merged into p1 (A,B), B=2 ...
-    Merging happens first (p1 = {A, B}), then the cap: p1 A,B -> A=1,B=1; p2 A,B -> 2,2; p3 A: full, skipped;
-    p4 no category: skipped; p5 C -> C=1."""
+    """Prompts are merged first (p1 appears twice -> categories A and B), then capped at two per category
+    in file order: p1 (A, B) -> A=1, B=1; p2 (A, B) -> A=2, B=2; p3 (A): A is full, skipped; p4: no
+    category, skipped; p5 (C) -> C=1."""
     pairs = [_pair("p1", [1, 0, 0]), _pair("p2", [1, 1, 0]), _pair("p3", [1, 0, 0]), _pair("p1", [0, 1, 0]),
              _pair("p4", [0, 0, 0]), _pair("p5", [0, 0, 1])]
     items = category_prompts(pairs, ["A", "B", "C"], 2)
