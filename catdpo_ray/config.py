@@ -523,19 +523,48 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def _field_docs(cls: Any) -> dict[str, str]:
+    """``#:`` comment lines written above each field of a config dataclass."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        m = re.match(r"^(\w+):", text)
+        if m and pending:
+            docs[m.group(1)] = " ".join(pending)
+        if not text.startswith("#"):
+            pending = []
+    return docs
+
+
+def _short_type(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " / ".join(f"`{a}`" for a in get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace(" | ", " or ")
+
+
 def config_reference() -> str:
-    """A Markdown reference of every key, its type and default (for the README / ``catdpo-ray config``)."""
-    lines = ["| key | type | default |", "|---|---|---|"]
+    """A Markdown reference of every key: type, default and meaning (``catdpo-ray config --reference``)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: Any, prefix: str) -> None:
         hints = get_type_hints(cls)
+        docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
                 walk(tp, prefix + f.name + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` |")
+            meaning = docs.get(f.name, "").replace("|", "/")
+            lines.append(f"| `{prefix}{f.name}` | {_short_type(tp)} | `{default!r}` | {meaning} |")
 
     walk(RunConfig, "")
     return "\n".join(lines)

@@ -291,6 +291,9 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     axes = search_axes(cfg)
     check_axes(cfg, axes)
     sweep_dir = Path(cfg.output.dir).resolve() / _sweep_name(cfg)
+    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+        raise ConfigError(f"tune.name={cfg.tune.name!r}: {sweep_dir} already holds a sweep; choose another name "
+                          "(or leave tune.name unset for a unique one)")
     trials_dir = sweep_dir / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     storage = f"{cfg.output.storage_path.rstrip('/')}/{sweep_dir.name}" if cfg.output.storage_path else str(sweep_dir / "ray")
@@ -306,7 +309,14 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     (sweep_dir / "sweep_config.yaml").write_text(to_yaml(cfg))
     max_evals = evals_per_trial(total_steps, cfg.train.eval_every)
     trials = num_trials(cfg, axes)
-    concurrency = trial_concurrency(cfg, ray.cluster_resources(), trials)
+    cluster = ray.cluster_resources()
+    concurrency = trial_concurrency(cfg, cluster, trials)
+    sc = cfg.scaling
+    if sc.num_workers > 0 and (cluster.get("CPU", 0.0) < sc.num_workers * sc.cpus_per_worker
+                               or (sc.use_gpu and cluster.get("GPU", 0.0) < sc.num_workers)):
+        print(f"[tune] WARNING: one trial needs {sc.num_workers} worker(s) x {sc.cpus_per_worker} CPU"
+              f"{' + 1 GPU' if sc.use_gpu else ''} but the cluster has {cluster.get('CPU', 0)} CPU / "
+              f"{cluster.get('GPU', 0)} GPU now; trials wait until an autoscaler adds nodes", flush=True)
     print(f"[tune] {trials} trial(s) over {', '.join(f'{k} {v}' for k, v in axes.items())} ({cfg.tune.search}); "
           f"{concurrency} at once; {total_steps} steps and {max_evals} evaluation(s) per trial; "
           f"objective {cfg.tune.objective} ({cfg.tune.mode}), helpfulness floor {cfg.tune.helpfulness_floor}%; "
@@ -329,7 +339,8 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     rows = collect_rows(grid, axes, trials_dir, cfg)
     result = write_sweep_outputs(sweep_dir, cfg, axes, rows, wall_time_s=time.perf_counter() - t0,
                                  extra={"concurrency": concurrency, "total_steps": total_steps,
-                                        "evals_per_trial": max_evals})
+                                        "evals_per_trial": max_evals, "num_train_pairs": data.num_train_pairs,
+                                        "num_test_pairs": data.num_test_pairs})
     print(f"[tune] done in {result.wall_time_s:.0f}s; results: {sweep_dir / 'results.md'}")
     if result.best is not None:
         print(f"[tune] best: {', '.join(f'{k}={result.best[k]}' for k in axes)} -> {cfg.tune.objective} "
@@ -366,23 +377,28 @@ def collect_rows(grid: Any, axes: Mapping[str, list[Any]], trials_dir: Path, cfg
         row.update({key: float(metrics.get(key, math.nan)) for key in _METRIC_COLUMNS if key != cfg.tune.objective})
         row.update({"evals": evals, "step": int(metrics.get("step", 0)), "status": status, "run_dir": str(run_dir)})
         rows.append(row)
-    sign = -1.0 if cfg.tune.mode == "max" else 1.0
-    rows.sort(key=lambda r: (r["status"] == "error", sign * r["score"], sign * _nan_last(r["objective"], sign)))
+    rows.sort(key=lambda r: rank_key(r, cfg.tune.mode))
     return rows
 
 
-def _nan_last(x: float, sign: float) -> float:
-    return -sign * math.inf if math.isnan(x) else x
+def _num(x: Any, bad: float) -> float:
+    return bad if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def rank_key(row: Mapping[str, Any], mode: str, *, by: str = "score") -> tuple[float, ...]:
+    """Sort key, best first: errors last, then ``by`` (guarded score) in ``mode``, ties broken by
+    higher macro accuracy, then higher helpfulness."""
+    sign = -1.0 if mode == "max" else 1.0
+    return (float(row["status"] == "error"), sign * _num(row.get(by), -sign * math.inf),
+            -_num(row.get("eval/macro"), -math.inf), -_num(row.get("eval/helpful_acc"), -math.inf))
 
 
 def pick_best(rows: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     """The best feasible trial by score; if none is feasible, the best by raw objective."""
     done = [r for r in rows if r["status"] != "error" and not math.isnan(r["objective"])]
     feasible = [r for r in done if r["feasible"]]
-    pool, key = (feasible, "score") if feasible else (done, "objective")
-    if not pool:
-        return None
-    return (max if mode == "max" else min)(pool, key=lambda r: r[key])
+    pool, by = (feasible, "score") if feasible else (done, "objective")
+    return min(pool, key=lambda r: rank_key(r, mode, by=by)) if pool else None
 
 
 def _json_safe(value: Any) -> Any:
@@ -411,14 +427,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 def grid_cells(rows: Sequence[Mapping[str, Any]], mode: str) -> dict[tuple[float, float], Mapping[str, Any]]:
     """(eta, epsilon) -> the best trial in that cell (over other axes and repeats)."""
     cells: dict[tuple[float, float], Mapping[str, Any]] = {}
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     for r in rows:
         if r["status"] == "error":
             continue
         key = (float(r["dual.eta"]), float(r["dual.epsilon"]))
-        if key not in cells or better(r["score"], cells[key]["score"]):
+        if key not in cells or rank_key(r, mode) < rank_key(cells[key], mode):
             cells[key] = r
     return cells
+
+
+def _cell_note(r: Mapping[str, Any]) -> str:
+    notes = ([] if r["feasible"] else ["infeasible"]) + ([f"ASHA stop @ eval {r['evals']}"] if r["status"].startswith("stopped") else [])
+    return ", ".join(notes)
 
 
 def pivot_markdown(rows: Sequence[Mapping[str, Any]], mode: str, objective: str) -> str:
@@ -431,7 +451,8 @@ def pivot_markdown(rows: Sequence[Mapping[str, Any]], mode: str, objective: str)
         vals = []
         for eps in epss:
             r = cells.get((eta, eps))
-            vals.append("—" if r is None else _fmt(r["objective"]) + ("" if r["feasible"] else " (infeasible)"))
+            note = "" if r is None else _cell_note(r)
+            vals.append("—" if r is None else _fmt(r["objective"]) + (f" ({note})" if note else ""))
         lines.append(f"| {eta:g} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -447,8 +468,7 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], out_png: Path, *, objective:
 
     cells = grid_cells(rows, mode)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    cmap = plt.get_cmap("viridis" if mode == "max" else "viridis_r").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis" if mode == "max" else "viridis_r").with_extremes(bad="lightgrey")
     if grid and cells:
         etas, epss = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
         z = np.full((len(etas), len(epss)), np.nan)
@@ -456,12 +476,18 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], out_png: Path, *, objective:
             if r["feasible"] and not math.isnan(r["objective"]):
                 z[etas.index(eta), epss.index(eps)] = r["objective"]
         im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, origin="lower", aspect="auto")
+        lo, hi = (float(np.nanmin(z)), float(np.nanmax(z))) if np.isfinite(z).any() else (0.0, 1.0)
         for (eta, eps), r in cells.items():
             i, j = etas.index(eta), epss.index(eps)
-            text = _fmt(r["objective"]) if r["feasible"] else f"{_fmt(r['objective'])}\ninfeasible"
+            note = _cell_note(r)
+            text = _fmt(r["objective"]) + (f"\n{note}" if note else "")
             star = best is not None and float(best["dual.eta"]) == eta and float(best["dual.epsilon"]) == eps
-            ax.text(j, i, ("★ " if star else "") + text, ha="center", va="center", fontsize=9,
-                    color="black" if not r["feasible"] else "white")
+            # dark text on the bright end of viridis, light text on the dark end and on grey
+            frac = (z[i, j] - lo) / (hi - lo) if np.isfinite(z[i, j]) and hi > lo else 1.0
+            if mode == "min":
+                frac = 1.0 - frac
+            ax.text(j, i, ("★ best\n" if star else "") + text, ha="center", va="center", fontsize=9,
+                    color="black" if frac > 0.5 or not np.isfinite(z[i, j]) else "white")
         ax.set_xticks(range(len(epss)), [f"{e:g}" for e in epss])
         ax.set_yticks(range(len(etas)), [f"{e:g}" for e in etas])
     else:
@@ -515,7 +541,8 @@ def write_sweep_outputs(sweep_dir: Path, cfg: RunConfig, axes: Mapping[str, list
           f"Objective `{cfg.tune.objective}` ({cfg.tune.mode}); feasible = `eval/helpful_acc` >= "
           f"{cfg.tune.helpfulness_floor}% (infeasible trials score {'-inf' if cfg.tune.mode == 'max' else 'inf'}); "
           f"search {cfg.tune.search}, ASHA {'on' if cfg.tune.asha else 'off'}; wall time {wall_time_s:.0f} s.", "",
-          pivot_markdown(rows, cfg.tune.mode, cfg.tune.objective), "", markdown_table(rows, shown), ""]
+          *([pivot_markdown(rows, cfg.tune.mode, cfg.tune.objective), ""] if cfg.tune.search == "grid" else []),
+          markdown_table(rows, shown), ""]
     if best is not None:
         md.append(f"Best: {', '.join(f'`{k}={best[k]}`' for k in keys)} ({best['trial']})"
                   + ("" if best["feasible"] else " -- **no trial met the helpfulness floor**; this is the best infeasible one")

@@ -17,7 +17,9 @@ was aligned in. ``eval.temperature == 0`` is greedy decoding; otherwise sampling
 Where: when Ray is initialised (or ``scaling.ray_address`` / ``$RAY_ADDRESS`` names a cluster),
 prompts go through ``map_batches`` on an actor pool of ``max(1, scaling.num_workers)`` actors,
 each holding one model copy (``scaling.cpus_per_worker`` CPUs, one GPU with ``scaling.use_gpu``);
-otherwise one in-process :class:`Generator` runs the batches.
+otherwise one in-process :class:`Generator` runs the batches. On a CPU each generator uses
+``scaling.cpus_per_worker`` torch threads: a tiny model's decode steps are overhead-bound, and more
+threads than granted cores (a shared box) made them 20x slower in our measurements.
 """
 
 from __future__ import annotations
@@ -122,14 +124,18 @@ class Generator:
         seed: base seed of sampling.
         bf16: load in bfloat16 (only used on a GPU).
         trust_remote_code: passed to ``from_pretrained``.
+        num_threads: torch intra-op threads on a CPU (``scaling.cpus_per_worker``); None leaves torch's.
     """
 
     def __init__(self, model_path: str, tokenizer_path: str, *, prompt_template: str, use_chat_template: bool,
                  max_prompt_length: int, max_new_tokens: int, temperature: float, top_p: float, seed: int = 0,
-                 bf16: bool = False, trust_remote_code: bool = False) -> None:
+                 bf16: bool = False, trust_remote_code: bool = False, num_threads: int | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and num_threads:
+            # Small decode steps on a shared CPU: more intra-op threads than cores granted is far slower.
+            torch.set_num_threads(num_threads)
         dtype = torch.bfloat16 if bf16 and self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -182,6 +188,7 @@ def generator_kwargs(cfg: RunConfig, model_path: str, tokenizer_path: str) -> di
         "max_prompt_length": cfg.data.max_prompt_length, "max_new_tokens": cfg.eval.max_new_tokens,
         "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "seed": cfg.train.seed,
         "bf16": cfg.train.precision == "bf16", "trust_remote_code": cfg.model.trust_remote_code,
+        "num_threads": max(1, int(cfg.scaling.cpus_per_worker)),
     }
 
 
@@ -243,9 +250,13 @@ def generate_responses(cfg: RunConfig, model_path: str, prompts: Sequence[str], 
     kwargs = generator_kwargs(cfg, model_path, tokenizer_path or model_path)
     if backend == "ray" or (backend == "auto" and use_ray_backend(cfg)):
         return _generate_ray(cfg, kwargs, prompts), "ray-data"
-    gen = Generator(**kwargs)
-    step = cfg.eval.batch_size
-    responses: list[str] = []
-    for start in range(0, len(prompts), step):
-        responses += gen.generate(list(prompts[start : start + step]), first_index=start)
+    threads = torch.get_num_threads()
+    try:
+        gen = Generator(**kwargs)
+        step = cfg.eval.batch_size
+        responses: list[str] = []
+        for start in range(0, len(prompts), step):
+            responses += gen.generate(list(prompts[start : start + step]), first_index=start)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process keeps its own setting
     return responses, "in-process"

@@ -183,6 +183,16 @@ def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():  # CPU: as many torch threads as a worker is granted (see generation.py)
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    try:
+        return _evaluate(cfg, model=model, data=data, out=out, backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path | None, backend: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     if data is not None:
         cfg = cfg.replace({"data.test": data})

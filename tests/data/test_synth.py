@@ -110,10 +110,10 @@ def test_schema_is_exactly_pku(train: list[dict[str, Any]], test_rows: list[dict
             assert safe == (not any(cats.values())), "a response is unsafe iff it has a category"
             text = row[f"response_{i}"]
             assert row[f"response_{i}_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
-            assert 4 <= len(text.split()) <= 40
+            assert 4 <= len(text.split()) <= 36
         assert row["better_response_id"] in (0, 1) and row["safer_response_id"] in (0, 1)
         assert row["response_0"] != row["response_1"]
-        assert 5 <= len(row["prompt"].split()) <= 24
+        assert 5 <= len(row["prompt"].split()) <= 26
 
 
 def test_safer_response_is_the_safe_or_less_severe_one(train: list[dict[str, Any]]) -> None:

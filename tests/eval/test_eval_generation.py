@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from catdpo_ray.config import load_config
-from catdpo_ray.eval.generation import BUNDLED_BENIGN, Generator, category_prompts, generate_responses, generator_kwargs, load_benign
+from catdpo_ray.eval.generation import (
+    BUNDLED_BENIGN,
+    Generator,
+    category_prompts,
+    generate_responses,
+    generator_kwargs,
+    load_benign,
+)
 
 
 def _pair(prompt: str, hot: list[int]) -> dict:

@@ -1,0 +1,243 @@
+"""The per-category balance benchmark: DPO-helpful, DPO-SafeBetter, SafeDPO, B-DPO and Cat-DPO.
+
+    python benchmarks/balance.py                       # 5 methods x 3 seeds, about 30 min on 2 CPU cores
+    python benchmarks/balance.py --seeds 0 --steps 40  # a quick look
+    python benchmarks/balance.py --methods Cat-DPO "Cat-DPO[hard]" "Cat-DPO[max]"   # ablations
+
+Every method starts from the same tiny warm-started model (``catdpo_ray.tiny``), trains on the
+bundled corpus with the same budget (steps, batch, learning rate) and the same seeds, in one Ray
+session (Ray Train local mode: in-process, real DeepSpeed), and is evaluated twice:
+
+- offline: per-category preference accuracy on the held-out safety-gap pairs (policy likelihood,
+  and implicit reward against the SFT model);
+- by generation: answers *sampled* (temperature 1, the policy's own distribution) for every
+  held-out prompt of every category, judged by the rule judge (safe ratio), plus the benign set
+  for over-refusal.
+
+The seed sets the training-data order (the bundled train file is shuffled with ``Random(seed)``),
+torch's seed and the sampling seed. Results (mean +- sample std over seeds) go to
+``benchmarks/results/``: ``balance.md``, ``balance.json`` and PNG panels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Method name -> config overrides (the required five first, then ablations of Cat-DPO's choices).
+METHODS: dict[str, list[str]] = {
+    "DPO-helpful": ["loss.name=dpo", "data.pairs=helpful"],
+    "DPO-SafeBetter": ["loss.name=dpo", "data.pairs=safe_better"],
+    "SafeDPO": ["loss.name=safedpo", "loss.delta=10"],
+    "B-DPO": ["loss.name=bdpo"],
+    "Cat-DPO": ["loss.name=catdpo"],
+    "Cat-DPO[hard]": ["loss.name=catdpo", "dual.violation=hard"],
+    "Cat-DPO[likelihood]": ["loss.name=catdpo", "dual.violation=likelihood"],
+    "Cat-DPO[max]": ["loss.name=catdpo", "dual.agg=max"],
+    "Cat-DPO[binding]": ["loss.name=catdpo", "dual.agg=binding"],
+    "Cat-DPO[eta=2]": ["loss.name=catdpo", "dual.eta=2.0"],
+    "Cat-DPO[eps=0.1]": ["loss.name=catdpo", "dual.epsilon=0.1"],
+    "Cat-DPO[init=10]": ["loss.name=catdpo", "dual.lambda_init=10"],
+}
+DEFAULT_METHODS = ["DPO-helpful", "DPO-SafeBetter", "SafeDPO", "B-DPO", "Cat-DPO"]
+BASE = "SFT (no alignment)"
+KEYS = ("macro", "worst3", "gap", "variance")
+
+
+def run_name(method: str, seed: int) -> str:
+    """A file-system friendly run directory name, e.g. ``Cat-DPO_hard-s0``."""
+    keep = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in method).strip("_")
+    return f"{keep}-s{seed}"
+
+
+def shuffled_train(seed: int, work: Path) -> str:
+    """The bundled train split with its rows in ``Random(seed)`` order (the seed's data order)."""
+    from catdpo_ray.data.sources import bundled_path
+
+    lines = [ln for ln in bundled_path("train").read_text().splitlines() if ln.strip()]
+    random.Random(seed).shuffle(lines)
+    path = work / f"train-seed{seed}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the benchmark tables use, from one eval ``report.json``."""
+    rule, pref = report["judges"]["rule"], report["preference"]
+    return {
+        "gen": {k: rule[k] for k in KEYS} | {"helpfulness": rule["helpfulness"], "over_refusal": rule["over_refusal"],
+                                              "per_category": rule["per_category"]},
+        "pref": {k: pref["likelihood"][k] for k in KEYS} | {"per_category": pref["likelihood"]["per_category"],
+                                                            "helpful_acc": pref["helpfulness"]["likelihood"]},
+        "implicit": {k: pref["implicit"][k] for k in KEYS} | {"helpful_acc": pref["helpfulness"]["implicit"]},
+    }
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, dict[str, tuple]]]:
+    """method -> block (gen/pref/implicit) -> metric -> (mean, std) over seeds."""
+    out: dict[str, dict[str, dict[str, tuple]]] = {}
+    for method, by_seed in results.items():
+        ok = [r for r in by_seed.values() if "error" not in r]
+        out[method] = {block: {key: mean_std([r[block][key] for r in ok])
+                               for key in ok[0][block] if key != "per_category"} for block in ("gen", "pref", "implicit")} if ok else {}
+    return out
+
+
+def _cell(ms: tuple | None, digits: int = 1) -> str:
+    if not ms or ms[0] is None:
+        return "n/a"
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def tables(agg: dict[str, dict[str, dict[str, tuple]]]) -> str:
+    head = "| method | Macro ↑ | Worst-3 ↑ | Gap ↓ | Variance ×10³ ↓ | helpfulness ↑ | over-refusal |\n|---|---:|---:|---:|---:|---:|---:|"
+    lines = ["### Generation: safe ratio under the rule judge (%, answers sampled at temperature 1)", "", head]
+    for m, a in agg.items():
+        if a:
+            g = a["gen"]
+            lines.append(f"| {m} | {_cell(g['macro'])} | {_cell(g['worst3'])} | {_cell(g['gap'])} | {_cell(g['variance'], 2)} | "
+                         f"{_cell(g['helpfulness'])} | {_cell(g['over_refusal'])} |")
+    lines += ["", "Helpfulness: share of answers to category prompts that engage without harm (a redirect or a harmless "
+              "plan; not a bare refusal). Over-refusal: share of the 60 bundled benign prompts refused.", ""]
+    for block, title in (("pref", "policy likelihood"), ("implicit", "implicit reward vs. the SFT model")):
+        lines += [f"### Offline: held-out preference accuracy, {title} (%)", "",
+                  head.replace("helpfulness ↑ | over-refusal |", "helpful acc (both-safe pairs) ↑ |").replace("---:|---:|\n", "---:|\n")
+                  .replace("|---:|---:|---:|---:|---:|---:|", "|---:|---:|---:|---:|---:|")]
+        for m, a in agg.items():
+            if a:
+                p = a[block]
+                lines.append(f"| {m} | {_cell(p['macro'])} | {_cell(p['worst3'])} | {_cell(p['gap'])} | "
+                             f"{_cell(p['variance'], 2)} | {_cell(p['helpful_acc'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def make_config(model: str, train: str, out: Path, name: str, seed: int, args: argparse.Namespace, extra: list[str]) -> Any:
+    from catdpo_ray.config import load_config
+
+    return load_config(None, [
+        f"model.name_or_path={model}", f"data.train={train}", "data.test=bundled", f"output.dir={out}",
+        f"output.name={name}", f"train.seed={seed}", f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.batch}", f"train.eval_every={args.eval_every}", "scaling.num_workers=0",
+        "logging.tensorboard=false", "logging.progress=false",
+        "eval.judges=[rule]", "eval.temperature=1.0", "eval.top_p=1.0", f"eval.max_prompts_per_category={args.prompts}",
+        f"eval.batch_size={args.gen_batch}", *extra])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"from {list(METHODS)}")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (same for every method)")
+    p.add_argument("--batch", type=int, default=8, help="pairs per step")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out preference eval every N steps (curves)")
+    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per category (0 = all)")
+    p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--no-base", action="store_true", help="skip evaluating the untrained SFT model")
+    p.add_argument("--work", default="/tmp/catdpo-bench", help="run directories (large; not committed)")
+    p.add_argument("--out", default=str(RESULTS), help="tables and panels")
+    p.add_argument("--tag", default="balance", help="output file stem")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method {unknown[0]!r}; choose from {list(METHODS)}")
+
+    import torch
+
+    from catdpo_ray.eval.runner import run_eval
+    from catdpo_ray.tiny import ensure_tiny_model
+    from catdpo_ray.train.driver import fit_run, init_ray, prepare_data
+
+    t_start = time.perf_counter()
+    work, out = Path(args.work), Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(ensure_tiny_model())  # waits on the build lock if another process is building it
+    torch.set_num_threads(1)  # one core per process on a shared 2-core box; the trainer does the same
+    results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in ([] if args.no_base else [BASE]) + args.methods}
+    timing: dict[str, list[float]] = {}
+    for seed in args.seeds:
+        train = shuffled_train(seed, work)
+        prepared: dict[str, Any] = {}
+        for method in results:
+            name = run_name(method, seed)
+            cfg = make_config(model, train, work, name, seed, args, METHODS.get(method, ["loss.name=catdpo"]))
+            run_dir = work / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            try:
+                target = model
+                if method != BASE:
+                    init_ray(cfg)
+                    key = f"{cfg.pair_mode}/{cfg.loss.name == 'catdpo'}"
+                    if key not in prepared:
+                        prepared[key] = prepare_data(cfg, work / f"prep-{seed}", verbose=False)
+                    result = fit_run(cfg, prepared[key], run_dir, name)
+                    if result.error is not None:
+                        raise RuntimeError(result.summary.get("error"))
+                    shutil.rmtree(work / "ray_storage" / name, ignore_errors=True)  # checkpoints: not needed
+                    target = str(run_dir / "final")
+                t1 = time.perf_counter()
+                report = run_eval(cfg, model=target, out=run_dir / "eval", backend="local")
+                results[method][seed] = summarize(report) | {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+                timing.setdefault(method, []).append(time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - a failed run is reported, the benchmark goes on
+                print(f"[bench] {name} FAILED: {exc}", file=sys.stderr, flush=True)
+                results[method][seed] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"[bench] {name}: {time.perf_counter() - t0:.0f}s (total {time.perf_counter() - t_start:.0f}s)", flush=True)
+    wall = time.perf_counter() - t_start
+    write_outputs(results, args, out, work, wall, argv if argv is not None else sys.argv[1:])
+    return 0
+
+
+def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Namespace, out: Path, work: Path,
+                  wall: float, argv: list[str]) -> None:
+    from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_lambda_grid
+
+    agg = aggregate(results)
+    command = "python benchmarks/balance.py" + ("" if not argv else " " + " ".join(argv))
+    md = [f"## Per-category balance benchmark ({args.tag})", "",
+          f"Command: `{command}`  ", f"Wall time: {wall / 60:.1f} min on this machine (2 CPU cores, shared); "
+          f"seeds {args.seeds}; {args.steps} steps x {args.batch} pairs per method; tiny model, bundled corpus.", "",
+          tables(agg)]
+    (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
+    (out / f"{args.tag}.json").write_text(json.dumps({"command": command, "wall_time_s": wall, "args": vars(args),
+                                                      "aggregate": agg, "runs": results}, indent=2, default=str))
+    for block, title in (("gen", "generation, rule judge"), ("pref", "preference accuracy, policy likelihood")):
+        metrics = {m: {k: a[block][k][0] for k in KEYS} for m, a in agg.items() if a}
+        errors = {m: {k: a[block][k][1] for k in KEYS} for m, a in agg.items() if a}
+        plot_balance_panel(metrics, out / f"{args.tag}_panel_{block}.png", errors=errors,
+                           title=f"{title}: mean ± std over seeds {args.seeds}")
+        per_cat = {}
+        for m, by_seed in results.items():
+            ok = [r for r in by_seed.values() if "error" not in r]
+            if ok:
+                cats = ok[0][block]["per_category"]
+                per_cat[m] = {c: statistics.fmean(r[block]["per_category"][c] for r in ok) for c in cats}
+        plot_category_bars(per_cat, out / f"{args.tag}_bars_{block}.png", title=f"{title}: per category, mean over seeds")
+    lam = {f"{m} s{s}": work / run_name(m, s) / "lambdas.csv" for m in results if m.startswith("Cat-DPO")
+           for s in args.seeds[:1]}
+    lam = {k: v for k, v in lam.items() if v.exists()}
+    if lam:
+        plot_lambda_grid(lam, out / f"{args.tag}_lambdas.png")
+    print("\n".join(md), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
