@@ -139,6 +139,8 @@ def ensure_tiny_model(
     with _file_lock(root / f"{MODEL_DIRNAME}.lock"):
         if not force and _is_current(final, key):  # another process built it while we waited
             return final
+        for stale in root.glob(f".{MODEL_DIRNAME}.*-*"):  # left by a killed builder (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.tmp-", dir=root))
         try:
             _build(tmp, spec, key)
@@ -253,7 +255,7 @@ def build_tiny(
 
     from catdpo_ray.data.tokenizer_build import train_tokenizer
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     prev_threads = torch.get_num_threads()
     # Small matmuls: more than a few threads only adds overhead; a fixed count keeps runs repeatable.
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -306,6 +308,7 @@ def build_tiny(
             "sft_preference_accuracy": accuracy,
             "torch_threads": torch.get_num_threads(),
             "build_seconds": round(seconds, 1),
+            "build_cpu_seconds": round(time.process_time() - cpu0, 1),
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completeness
         _log(f"saved in {seconds:.1f}s (SFT loss {final_loss:.3f})")

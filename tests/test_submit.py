@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,8 +110,6 @@ def test_dry_run_prints_the_ray_job_submit_command(capsys: pytest.CaptureFixture
                                                  "train.max_steps=2", "output.dir=/shared/runs"]
         assert (staged / "tiny_cpu.yaml").exists()
     finally:
-        import shutil
-
         shutil.rmtree(staged, ignore_errors=True)
 
 
@@ -173,13 +172,15 @@ def local_head() -> Iterator[dict[str, str]]:
     cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
            "--include-dashboard=true"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dash}"
-    try:
+    try:  # cleanup covers a failed start too: `ray start` may leave daemons behind when it errors
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         _wait_for_dashboard(address, token)
         yield {"address": address, "token": token, "temp_dir": temp_dir}
     finally:
         _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_dashboard(address: str, token: str, timeout_s: float = 120.0) -> None:

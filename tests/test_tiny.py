@@ -126,12 +126,14 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert results == [tmp_path / tiny.MODEL_DIRNAME] * 2
 
 
-def test_force_rebuilds_in_place(tmp_path: Path) -> None:
+def test_force_rebuilds_in_place_and_deterministically(tmp_path: Path) -> None:
     path = tiny.ensure_tiny_model(tmp_path, sft_steps=1)
     first = (path / "manifest.json").read_text()
+    weights = (path / "model.safetensors").read_bytes()
     again = tiny.ensure_tiny_model(tmp_path, sft_steps=1, force=True)
     assert again == path and (path / "manifest.json").is_file()
     assert json.loads(first)["build_key"] == json.loads((path / "manifest.json").read_text())["build_key"]
+    assert (path / "model.safetensors").read_bytes() == weights, "the build is deterministic given the seed"
     assert sorted(p.name for p in tmp_path.iterdir()) == [tiny.MODEL_DIRNAME, f"{tiny.MODEL_DIRNAME}.lock"]
 
 

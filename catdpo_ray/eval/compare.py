@@ -192,7 +192,8 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path | None = "compariso
                            title=f"{source_label(key)}: per category (weakest eight marked)")
         plot_balance_panel(rows, out_dir / f"balance_{slug}.png", title=source_label(key))
         plots += [f"bars_{slug}.png", f"balance_{slug}.png"]
-    lam = {r["name"]: Path(r["lambdas_csv"]) for r in loaded if r["lambdas_csv"]}
+    # Only Cat-DPO's loss uses lambda; other runs log what the dual update would do, which would mislead here.
+    lam = {r["name"]: Path(r["lambdas_csv"]) for r in loaded if r["lambdas_csv"] and r["loss"] == "catdpo"}
     if lam:
         plots.append(plot_lambda_grid(lam, out_dir / "lambdas.png").name)
     curves = plot_eval_curves({r["name"]: Path(r["metrics_jsonl"]) for r in loaded if r["metrics_jsonl"]},

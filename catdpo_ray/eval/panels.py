@@ -67,11 +67,12 @@ def plot_category_bars(series: Mapping[str, Mapping[str, float | None]], out_png
             weak = c in marked[name]
             ax.barh(y, float(value), height=height, color=cmap(j % 10), hatch="///" if weak else None,  # type: ignore[arg-type]
                     edgecolor="red" if weak else "none", linewidth=1.2 if weak else 0)
+            ax.text(float(value) + 0.5, y, f"{float(value):.0f}", va="center", fontsize=5)  # type: ignore[arg-type]
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(j % 10)) for j in range(len(names))]
     handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="red", hatch="///"))
     ax.legend(handles, [*names, f"weakest {weakest_n}"], fontsize=7, loc="lower right")
     ax.set_yticks(range(len(categories)), categories, fontsize=7)
-    ax.set_xlim(0, 105)
+    ax.set_xlim(0, 108)
     ax.set_xlabel(xlabel)
     ax.set_title(title or "per-category scores", fontsize=10)
     fig.tight_layout()

@@ -280,6 +280,14 @@ def _sources(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return sources
 
 
+def _run_loss(run_dir: Path) -> str | None:
+    """``loss.name`` of the run whose ``final/`` is evaluated (None if not a run)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return ((yaml.safe_load(path.read_text()) or {}).get("loss") or {}).get("name") if path.exists() else None
+
+
 def _plots(report: dict[str, Any], model_dir: Path, out_dir: Path) -> list[str]:
     """Per-category bars per score source, the balance panel, and the run's lambda / curve plots."""
     from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_eval_curves
@@ -297,7 +305,7 @@ def _plots(report: dict[str, Any], model_dir: Path, out_dir: Path) -> list[str]:
     plots.append("balance.png")
     run_dir = model_dir.parent
     lam = run_dir / "lambdas.csv"
-    if lam.exists() and sum(1 for _ in lam.open()) > 1:
+    if lam.exists() and sum(1 for _ in lam.open()) > 1 and _run_loss(run_dir) == "catdpo":
         plot_lambdas(lam, out_dir / "lambdas.png", reference_margin=10.0, title=f"{run_dir.name}: λ_k per category")
         plots.append("lambdas.png")
     if (run_dir / "metrics.jsonl").exists() and plot_eval_curves({run_dir.name: run_dir / "metrics.jsonl"},
