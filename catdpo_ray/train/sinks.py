@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,7 +48,6 @@ class MetricSinks:
                 csv.writer(fh).writerow(["step", *self.categories])
         self.last_eval: dict[str, Any] | None = None
         self.last_step: dict[str, Any] | None = None
-        self._last_print = 0.0
         self._tb = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -112,10 +110,7 @@ class MetricSinks:
         )
 
     def _print(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last_print >= 1.0 or self.cfg.train.log_every > 1:
-            print(text, file=self.out, flush=True)
-            self._last_print = now
+        print(text, file=self.out, flush=True)
 
     def _scalars(self, step: int, values: dict[str, float]) -> None:
         if self._tb is not None:
