@@ -45,6 +45,8 @@ METHODS: dict[str, list[str]] = {
     "Cat-DPO[binding]": ["loss.name=catdpo", "dual.agg=binding"],
     "Cat-DPO[eta=2]": ["loss.name=catdpo", "dual.eta=2.0"],
     "Cat-DPO[eps=0.1]": ["loss.name=catdpo", "dual.epsilon=0.1"],
+    # soft violation sigma(-beta*Delta) <= eps  <=>  beta*Delta >= ln((1 - eps) / eps): 0.02 -> 3.9, 1e-4 -> 9.2
+    "Cat-DPO[eps=1e-4]": ["loss.name=catdpo", "dual.epsilon=0.0001"],
     "Cat-DPO[init=10]": ["loss.name=catdpo", "dual.lambda_init=10"],
 }
 DEFAULT_METHODS = ["DPO-helpful", "DPO-SafeBetter", "SafeDPO", "B-DPO", "Cat-DPO"]
@@ -69,16 +71,32 @@ def shuffled_train(seed: int, work: Path) -> str:
     return str(path)
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """The numbers the benchmark tables use, from one eval ``report.json``."""
-    rule, pref = report["judges"]["rule"], report["preference"]
-    return {
-        "gen": {k: rule[k] for k in KEYS} | {"helpfulness": rule["helpfulness"], "over_refusal": rule["over_refusal"],
-                                              "per_category": rule["per_category"]},
-        "pref": {k: pref["likelihood"][k] for k in KEYS} | {"per_category": pref["likelihood"]["per_category"],
-                                                            "helpful_acc": pref["helpfulness"]["likelihood"]},
-        "implicit": {k: pref["implicit"][k] for k in KEYS} | {"helpful_acc": pref["helpfulness"]["implicit"]},
-    }
+def _block(metrics: dict[str, Any], helpful: float | None) -> dict[str, Any]:
+    return {k: metrics[k] for k in KEYS} | {"per_category": metrics["per_category"], "helpful_acc": helpful}
+
+
+def summarize(report: dict[str, Any], final_eval: dict[str, Any] | None) -> dict[str, Any]:
+    """The numbers the tables use: generation (rule judge, from the eval report) and offline preference
+    accuracy (from the trainer's final held-out evaluation of the same weights, ``summary.json``)."""
+    from catdpo_ray.eval.compare import preference_block
+
+    rule = report["judges"]["rule"]
+    out: dict[str, Any] = {"gen": {k: rule[k] for k in KEYS} | {
+        "helpfulness": rule["helpfulness"], "over_refusal": rule["over_refusal"], "per_category": rule["per_category"]}}
+    if final_eval:
+        pref = preference_block(final_eval)
+        out["pref"] = _block(pref["likelihood"], pref["helpfulness"]["likelihood"])
+        out["implicit"] = _block(pref["implicit"], pref["helpfulness"]["implicit"])
+    return out
+
+
+def base_preference(final_eval: dict[str, Any]) -> dict[str, Any]:
+    """The untrained SFT model's offline scores: the reference-likelihood column of any run's final eval
+    (same base model, same held-out pairs); its implicit reward against itself is 0 by construction."""
+    from catdpo_ray.eval.compare import preference_block
+
+    pref = preference_block(final_eval)
+    return {"pref": _block(pref["ref_likelihood"], pref["helpfulness"]["ref_likelihood"])}
 
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -89,12 +107,15 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def aggregate(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, dict[str, tuple]]]:
-    """method -> block (gen/pref/implicit) -> metric -> (mean, std) over seeds."""
+    """method -> block (gen/pref/implicit) -> metric -> (mean, std) over the seeds that have it."""
     out: dict[str, dict[str, dict[str, tuple]]] = {}
     for method, by_seed in results.items():
         ok = [r for r in by_seed.values() if "error" not in r]
-        out[method] = {block: {key: mean_std([r[block][key] for r in ok])
-                               for key in ok[0][block] if key != "per_category"} for block in ("gen", "pref", "implicit")} if ok else {}
+        out[method] = {}
+        for block in ("gen", "pref", "implicit"):
+            have = [r[block] for r in ok if block in r]
+            if have:
+                out[method][block] = {k: mean_std([b[k] for b in have]) for k in have[0] if k != "per_category"}
     return out
 
 
@@ -108,7 +129,7 @@ def tables(agg: dict[str, dict[str, dict[str, tuple]]]) -> str:
     head = "| method | Macro ↑ | Worst-3 ↑ | Gap ↓ | Variance ×10³ ↓ | helpfulness ↑ | over-refusal |\n|---|---:|---:|---:|---:|---:|---:|"
     lines = ["### Generation: safe ratio under the rule judge (%, answers sampled at temperature 1)", "", head]
     for m, a in agg.items():
-        if a:
+        if "gen" in a:
             g = a["gen"]
             lines.append(f"| {m} | {_cell(g['macro'])} | {_cell(g['worst3'])} | {_cell(g['gap'])} | {_cell(g['variance'], 2)} | "
                          f"{_cell(g['helpfulness'])} | {_cell(g['over_refusal'])} |")
@@ -119,7 +140,7 @@ def tables(agg: dict[str, dict[str, dict[str, tuple]]]) -> str:
                   head.replace("helpfulness ↑ | over-refusal |", "helpful acc (both-safe pairs) ↑ |").replace("---:|---:|\n", "---:|\n")
                   .replace("|---:|---:|---:|---:|---:|---:|", "|---:|---:|---:|---:|---:|")]
         for m, a in agg.items():
-            if a:
+            if block in a:
                 p = a[block]
                 lines.append(f"| {m} | {_cell(p['macro'])} | {_cell(p['worst3'])} | {_cell(p['gap'])} | "
                              f"{_cell(p['variance'], 2)} | {_cell(p['helpful_acc'])} |")
@@ -136,18 +157,20 @@ def make_config(model: str, train: str, out: Path, name: str, seed: int, args: a
         f"train.micro_batch_size={args.batch}", f"train.eval_every={args.eval_every}", "scaling.num_workers=0",
         "logging.tensorboard=false", "logging.progress=false",
         "eval.judges=[rule]", "eval.temperature=1.0", "eval.top_p=1.0", f"eval.max_prompts_per_category={args.prompts}",
-        f"eval.batch_size={args.gen_batch}", *extra])
+        f"eval.batch_size={args.gen_batch}", f"eval.max_new_tokens={args.new_tokens}", *extra])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"from {list(METHODS)}")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (same for every method)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (same for every method)")
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--eval-every", type=int, default=0, help="held-out preference eval every N steps (curves)")
-    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per category (0 = all)")
+    p.add_argument("--prompts", type=int, default=20, help="held-out prompts per category (0 = all)")
     p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32,
+                   help="max new tokens; every unsafe answer in the corpus shows its first harm marker by token 17")
     p.add_argument("--no-base", action="store_true", help="skip evaluating the untrained SFT model")
     p.add_argument("--work", default="/tmp/catdpo-bench", help="run directories (large; not committed)")
     p.add_argument("--out", default=str(RESULTS), help="tables and panels")
@@ -159,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from catdpo_ray.config import to_yaml
     from catdpo_ray.eval.runner import run_eval
     from catdpo_ray.tiny import ensure_tiny_model
     from catdpo_ray.train.driver import fit_run, init_ray, prepare_data
@@ -171,18 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     model = str(ensure_tiny_model())  # waits on the build lock if another process is building it
     torch.set_num_threads(1)  # one core per process on a shared 2-core box; the trainer does the same
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in ([] if args.no_base else [BASE]) + args.methods}
-    timing: dict[str, list[float]] = {}
     for seed in args.seeds:
         train = shuffled_train(seed, work)
         prepared: dict[str, Any] = {}
+        seed_eval: dict[str, Any] | None = None
         for method in results:
             name = run_name(method, seed)
             cfg = make_config(model, train, work, name, seed, args, METHODS.get(method, ["loss.name=catdpo"]))
             run_dir = work / name
             run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))  # a run directory, as `catdpo-ray compare` reads it
             t0 = time.perf_counter()
             try:
-                target = model
+                target, final_eval = model, None
                 if method != BASE:
                     init_ray(cfg)
                     key = f"{cfg.pair_mode}/{cfg.loss.name == 'catdpo'}"
@@ -192,15 +217,20 @@ def main(argv: list[str] | None = None) -> int:
                     if result.error is not None:
                         raise RuntimeError(result.summary.get("error"))
                     shutil.rmtree(work / "ray_storage" / name, ignore_errors=True)  # checkpoints: not needed
-                    target = str(run_dir / "final")
+                    target, final_eval = str(run_dir / "final"), result.summary["final_eval"]
+                    seed_eval = seed_eval or final_eval
                 t1 = time.perf_counter()
-                report = run_eval(cfg, model=target, out=run_dir / "eval", backend="local")
-                results[method][seed] = summarize(report) | {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
-                timing.setdefault(method, []).append(time.perf_counter() - t0)
+                # Offline accuracy comes from the trainer's final evaluation (the eval CLI reproduces it
+                # exactly: tests/eval/test_eval_runner.py); here only generation + the rule judge run.
+                report = run_eval(cfg, model=target, out=run_dir / "eval", backend="local", preference=False)
+                results[method][seed] = summarize(report, final_eval) | {"train_s": t1 - t0,
+                                                                         "eval_s": time.perf_counter() - t1}
             except Exception as exc:  # noqa: BLE001 - a failed run is reported, the benchmark goes on
                 print(f"[bench] {name} FAILED: {exc}", file=sys.stderr, flush=True)
                 results[method][seed] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"[bench] {name}: {time.perf_counter() - t0:.0f}s (total {time.perf_counter() - t_start:.0f}s)", flush=True)
+        if BASE in results and seed_eval and "error" not in results[BASE][seed]:
+            results[BASE][seed] |= base_preference(seed_eval)
     wall = time.perf_counter() - t_start
     write_outputs(results, args, out, work, wall, argv if argv is not None else sys.argv[1:])
     return 0
@@ -220,13 +250,13 @@ def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.
     (out / f"{args.tag}.json").write_text(json.dumps({"command": command, "wall_time_s": wall, "args": vars(args),
                                                       "aggregate": agg, "runs": results}, indent=2, default=str))
     for block, title in (("gen", "generation, rule judge"), ("pref", "preference accuracy, policy likelihood")):
-        metrics = {m: {k: a[block][k][0] for k in KEYS} for m, a in agg.items() if a}
-        errors = {m: {k: a[block][k][1] for k in KEYS} for m, a in agg.items() if a}
+        metrics = {m: {k: a[block][k][0] for k in KEYS} for m, a in agg.items() if block in a}
+        errors = {m: {k: a[block][k][1] for k in KEYS} for m, a in agg.items() if block in a}
         plot_balance_panel(metrics, out / f"{args.tag}_panel_{block}.png", errors=errors,
                            title=f"{title}: mean ± std over seeds {args.seeds}")
         per_cat = {}
         for m, by_seed in results.items():
-            ok = [r for r in by_seed.values() if "error" not in r]
+            ok = [r for r in by_seed.values() if block in r]
             if ok:
                 cats = ok[0][block]["per_category"]
                 per_cat[m] = {c: statistics.fmean(r[block]["per_category"][c] for r in ok) for c in cats}

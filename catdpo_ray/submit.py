@@ -159,12 +159,24 @@ def build_submission(config_path: str | Path, overrides: Sequence[str], staged_d
                       auth_headers())
 
 
-def submit(sub: Submission) -> str:
-    """Send it; returns the submission id."""
+def submit(sub: Submission, *, agent_wait_s: float = 120.0) -> str:
+    """Send it; returns the submission id.
+
+    A cluster that has just started answers "No available agent to submit job" until a node's
+    dashboard agent has registered; that error is retried for ``agent_wait_s`` seconds (the
+    submission id makes the retry safe: a job is created at most once)."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(sub.address, headers=sub.headers or None)
-    return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env, submission_id=sub.submission_id)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                                     submission_id=sub.submission_id)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
 
 
 def wait(address: str, submission_id: str, *, headers: Mapping[str, str] | None = None, timeout_s: float = 3600.0,

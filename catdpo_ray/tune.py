@@ -48,15 +48,17 @@ FEASIBLE_KEY = "sweep/feasible"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 #: Held-out evaluations per trial when ``train.eval_every`` is 0 and ASHA needs intermediate rungs.
 DEFAULT_EVALS_PER_TRIAL = 4
-#: ``catdpo-ray tune`` without ``--config``: a 2 x 2 grid (tune.eta x tune.epsilon defaults) on the
-#: tiny model and the bundled corpus, sized to finish in minutes on 2 CPU cores. One worker per
-#: trial lets two trials (each a real TorchTrainer + DeepSpeed run) train side by side on 2 cores.
+#: ``catdpo-ray tune`` without ``--config`` (= ``jobs/sweep_tiny_cpu.yaml``): a 2 x 2 grid (the
+#: tune.eta x tune.epsilon defaults) on the tiny model and the bundled corpus, sized to finish in a
+#: few minutes on 2 CPU cores. One worker per trial lets two trials (each a real TorchTrainer +
+#: DeepSpeed run) train side by side on 2 cores. Three held-out evaluations (steps 15, 30, 45) give
+#: ASHA rungs at the first two; evaluation, not the 45 steps, is most of a trial's time here.
 DEFAULT_SWEEP_OVERRIDES: tuple[str, ...] = (
     "scaling.num_workers=1",
-    "train.max_steps=40",
-    "train.eval_every=10",
+    "train.max_steps=45",
+    "train.eval_every=15",
     "logging.progress=false",
-    "tune.asha_grace_period=2",
+    "tune.asha_grace_period=1",
 )
 
 

@@ -231,8 +231,9 @@ def test_tiny_job_submitted_to_a_local_head_succeeds(local_head: dict[str, str],
 
     # The job imports the uploaded copy of the package, not the one installed here: what makes the
     # same submission work on a cluster whose image lacks (or has an older) catdpo-ray.
-    probe = client.submit_job(entrypoint="python -c 'import catdpo_ray; print(\"FROM\", catdpo_ray.__file__)'",
-                              runtime_env=S.build_submission(TINY_JOB, [], tmp_path / "wd2").runtime_env)
+    probe_sub = S.build_submission(TINY_JOB, [], tmp_path / "wd2")
+    probe_sub.entrypoint = "python -c 'import catdpo_ray; print(\"FROM\", catdpo_ray.__file__)'"
+    probe = S.submit(probe_sub)
     assert S.wait(sub.address, probe, headers=sub.headers, timeout_s=300, echo=False) == "SUCCEEDED"
     origin = next(line for line in client.get_job_logs(probe).splitlines() if line.startswith("FROM "))
     assert local_head["temp_dir"] in origin and str(REPO) not in origin

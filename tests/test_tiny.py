@@ -39,6 +39,7 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path: Path) -> None:
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}) == 4
     assert tok.model_max_length == 256
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     for text in ("How do I kill a python process?", "Unseen wörds ✓ 日本 and 42!"):
         ids = tok(text)["input_ids"]
         assert ids[0] == tok.bos_token_id
@@ -126,15 +127,16 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert results == [tmp_path / tiny.MODEL_DIRNAME] * 2
 
 
-def test_force_rebuilds_in_place_and_deterministically(tmp_path: Path) -> None:
-    path = tiny.ensure_tiny_model(tmp_path, sft_steps=1)
-    first = (path / "manifest.json").read_text()
+def test_force_rebuilds_in_place_and_deterministically(built: tuple[Path, Path]) -> None:
+    cache, path = built
+    manifest = json.loads((path / "manifest.json").read_text())
     weights = (path / "model.safetensors").read_bytes()
-    again = tiny.ensure_tiny_model(tmp_path, sft_steps=1, force=True)
-    assert again == path and (path / "manifest.json").is_file()
-    assert json.loads(first)["build_key"] == json.loads((path / "manifest.json").read_text())["build_key"]
+    assert tiny.ensure_tiny_model(cache, sft_steps=SHORT_STEPS, force=True) == path
+    rebuilt = json.loads((path / "manifest.json").read_text())
+    assert rebuilt["build_key"] == manifest["build_key"]
+    assert rebuilt["sft_final_loss"] == manifest["sft_final_loss"]
     assert (path / "model.safetensors").read_bytes() == weights, "the build is deterministic given the seed"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [tiny.MODEL_DIRNAME, f"{tiny.MODEL_DIRNAME}.lock"]
+    assert sorted(p.name for p in cache.iterdir()) == [tiny.MODEL_DIRNAME, f"{tiny.MODEL_DIRNAME}.lock"]
 
 
 def test_default_cache_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -274,8 +274,8 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
     (hook_dir / "catdpo_count_hook.py").write_text(textwrap.dedent(_COUNT_HOOK))
     counter = tmp_path / "tokenize_calls.txt"
     cfg = load_sweep_config(None, [
-        f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=160", "data.max_test_rows=48",
-        "tune.eta=[0.25, 1.0]", "tune.epsilon=[0.05]", "train.max_steps=4", "train.eval_every=2",
+        f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=96", "data.max_test_rows=24",
+        "tune.eta=[0.25, 1.0]", "tune.epsilon=[0.05]", "train.max_steps=2", "train.eval_every=1",
         "tune.asha_grace_period=1", f"output.dir={tmp_path / 'out'}", "tune.name=sw", "logging.tensorboard=false",
     ])
     if ray.is_initialized():
@@ -319,5 +319,5 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
     for name in ("results.csv", "results.md", "heatmap.png", "best_config.yaml"):
         assert (sweep / name).exists(), name
     best = load_config(result.best_config)
-    assert best.dual.eta in (0.25, 1.0) and best.dual.epsilon == 0.05 and best.train.max_steps == 4
+    assert best.dual.eta in (0.25, 1.0) and best.dual.epsilon == 0.05 and best.train.max_steps == 2
     assert sys.modules.get("catdpo_count_hook") is None  # the hook ran in Ray workers, not in this process

@@ -79,7 +79,7 @@ _REDIRECT_PATTERN = _compile(REDIRECT_MARKERS)
 
 
 def _normalize(text: str) -> str:
-    # Curly apostrophes and runs of whitespace must not hide a marker from the judge.
+    """Lower case, straight apostrophes, single spaces: curly quotes or line breaks must not hide a marker."""
     return " ".join(text.replace("\u2019", "'").lower().split())
 
 

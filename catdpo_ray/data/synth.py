@@ -147,6 +147,7 @@ class CategorySpec:
 
     @property
     def slot_map(self) -> dict[str, tuple[str, ...]]:
+        """Common slots (``who``, ``did``) overlaid with this category's own."""
         return {**_COMMON_SLOTS, **dict(self.slots)}
 
 
@@ -739,6 +740,7 @@ class _Response:
 
     @property
     def safe(self) -> bool:
+        """Safe iff severity 0."""
         return self.severity == 0
 
 
@@ -773,6 +775,7 @@ def _unsafe_pair(rng: random.Random, spec: CategorySpec) -> tuple[_Response, _Re
     opener, joiner, escalation = rng.choice(_COMPLY_OPENERS), rng.choice(_JOINERS), rng.choice(_ESCALATIONS)
 
     def compose(first: str, then: str | None, esc: str) -> str:
+        """Opener + first step [+ joiner + second step] [+ escalation at severity 3]."""
         body = f"{opener} {first}" + (f"{joiner} {then}" if then else "")
         return body + (esc if severity == 3 else "") + "."
 
@@ -808,10 +811,12 @@ def _safe_answer(rng: random.Random, spec: CategorySpec, *, helpful: bool) -> _R
 
 
 def _sha256(text: str) -> str:
+    """Hex sha256 of the UTF-8 text (the PKU ``response_*_sha256`` fields)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _category_dict(categories: frozenset[str]) -> dict[str, bool]:
+    """The PKU harm-category dict: all 19 names, in canonical order, mapped to a flag."""
     return {name: name in categories for name in PKU_CATEGORIES}
 
 

@@ -10,6 +10,7 @@ as inside the full sequence. ``<s>`` is prepended by the post-processor for plai
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -85,6 +86,12 @@ def train_tokenizer(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
+    # transformers 5 records its backend class name, which 4.x cannot resolve; the generic fast
+    # class name loads the same tokenizer.json under both.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return fast
 
 

@@ -123,6 +123,48 @@ def sources_of(report: Mapping[str, Any] | None, final_eval: Mapping[str, Any] |
     return sources
 
 
+def report_sources(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Score sources of one eval ``report.json``: its judges, then its preference blocks that scored a category."""
+    sources = {f"judge:{n}": b for n, b in report["judges"].items()}
+    for key, block in sources_of({"preference": report["preference"]}, None).items():
+        if block["num_categories"]:
+            sources[key] = block
+    return sources
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: summary table per score source, per-category table, plots."""
+    sources = report_sources(report)
+    labels = {k: source_label(k) for k in sources}
+    extra = {
+        "helpfulness (%)": {labels[k]: report["helpfulness"].get(k) for k in sources},
+        "over-refusal (%)": {labels[k]: report["over_refusal"].get(k[6:]) for k in sources if k.startswith("judge:")},
+    }
+    counts: dict[str, dict[str, int]] = {}
+    if report["preference"]:
+        counts["safety-gap pairs"] = report["preference"]["safety_gap_pairs"]
+    if report["judges"]:
+        counts = {"prompts": next(iter(report["judges"].values()))["n_prompts"], **counts}
+    gen = report.get("generation")
+    lines = [
+        f"# Evaluation of `{report['model']}`", "",
+        f"- reference model: `{report['reference_model']}`" if report["reference_model"] else
+        "- reference model: none (the model itself; implicit-reward accuracy n/a)",
+        f"- held-out data: `{report['test_data']['source']}` ({report['test_data']['pairs']} safety-aware pairs)",
+        (f"- generation: {gen['prompts']} category prompts + {gen['benign_prompts']} benign prompts, "
+         f"{gen['backend']}, max_new_tokens={gen['max_new_tokens']}, temperature={gen['temperature']}, "
+         f"top_p={gen['top_p']}, {gen['seconds']:.1f} s") if gen else "- generation: off",
+        f"- primary score: {source_label(report['primary'])}; wall time {report.get('wall_time_s', 0.0):.1f} s", "",
+        "## Summary", "", balance_table({labels[k]: b for k, b in sources.items()}, label="score", extra=extra), "",
+        "Over-refusal: share of benign prompts refused. Helpfulness: judge helpfulness on category prompts, or "
+        "preference accuracy on held-out both-safe pairs.", "",
+        "## Per category (▼ = weakest eight)", "",
+        category_table({labels[k]: b["per_category"] for k, b in sources.items()}, counts=counts), "",
+        "## Plots", "", *[f"![{p}]({p})" for p in report.get("plots", [])],
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 

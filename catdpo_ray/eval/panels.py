@@ -6,7 +6,8 @@
   optional error bars (the benchmark's std over seeds).
 - :func:`plot_lambda_grid`: per-category lambda trajectories of several runs, one subplot each,
   with SafeDPO's fixed margin (Delta = 10) as the reference line.
-- :func:`plot_eval_curves`: held-out Worst-3 / Macro over training steps from ``metrics.jsonl``.
+- :func:`plot_eval_curves`: held-out Worst-3 / Macro over training steps from ``metrics.jsonl``;
+- :func:`report_plots`: every PNG of one ``catdpo-ray eval`` report.
 """
 
 from __future__ import annotations
@@ -177,3 +178,37 @@ def plot_eval_curves(runs: Mapping[str, Path], out_png: Path) -> Path | None:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def _run_loss(run_dir: Path) -> str | None:
+    """``loss.name`` of the run whose ``final/`` is evaluated (None if not a run)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return ((yaml.safe_load(path.read_text()) or {}).get("loss") or {}).get("name") if path.exists() else None
+
+
+def report_plots(report: dict[str, Any], model_dir: Path, out_dir: Path) -> list[str]:
+    """Per-category bars per score source, the balance panel, and the run's lambda / curve plots."""
+    from catdpo_ray.eval.compare import report_sources, source_label
+    from catdpo_ray.eval.plots import plot_lambdas
+
+    sources = report_sources(report)
+    plots = []
+    for key, block in sources.items():
+        slug = key.replace(":", "-")
+        plot_category_bars({source_label(key): block["per_category"]}, out_dir / f"bars_{slug}.png",
+                           title=f"{source_label(key)} per category (weakest eight marked)")
+        plots.append(f"bars_{slug}.png")
+    plot_balance_panel({source_label(k): b for k, b in sources.items()}, out_dir / "balance.png",
+                       title=f"category balance of {model_dir.parent.name}/{model_dir.name}")
+    plots.append("balance.png")
+    run_dir = model_dir.parent
+    lam = run_dir / "lambdas.csv"
+    if lam.exists() and sum(1 for _ in lam.open()) > 1 and _run_loss(run_dir) == "catdpo":
+        plot_lambdas(lam, out_dir / "lambdas.png", reference_margin=10.0, title=f"{run_dir.name}: λ_k per category")
+        plots.append("lambdas.png")
+    if (run_dir / "metrics.jsonl").exists() and plot_eval_curves({run_dir.name: run_dir / "metrics.jsonl"},
+                                                                 out_dir / "eval_curves.png"):
+        plots.append("eval_curves.png")
+    return plots

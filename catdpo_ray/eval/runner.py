@@ -44,10 +44,11 @@ from typing import Any
 import torch
 
 from catdpo_ray.config import RunConfig, load_config
-from catdpo_ray.eval.compare import balance_table, category_table, preference_block, source_label
+from catdpo_ray.eval.compare import preference_block, report_markdown
 from catdpo_ray.eval.generation import PromptItem, category_prompts, generate_responses, load_benign
-from catdpo_ray.eval.judges import SequenceScorer, Verdict, build_judges
+from catdpo_ray.eval.judges import PKU_SCORE_TEMPLATE, SequenceScorer, Verdict, build_judges
 from catdpo_ray.eval.metrics import balance_metrics, weakest
+from catdpo_ray.eval.panels import report_plots
 from catdpo_ray.eval.preference import EvalAccumulator, eval_row
 from catdpo_ray.losses import PreferenceBatch, sequence_logps
 
@@ -170,7 +171,7 @@ def _same_vocab(a: str, b: str) -> bool:
 
 
 def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | Path | None = None,
-             backend: str = "auto") -> dict[str, Any]:
+             backend: str = "auto", preference: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` and write the report; returns the ``report.json`` content.
 
     Args:
@@ -179,6 +180,8 @@ def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | 
         data: PKU-schema test file replacing ``data.test``.
         out: output directory (default ``eval.output_dir``, else ``<model>/eval``, else ``eval-<id>``).
         backend: generation backend, ``auto``/``ray``/``local`` (see ``generate_responses``).
+        preference: run the offline preference accuracy (False: ``report["preference"]`` is None, e.g. when
+            the trainer's ``summary.json`` already holds it for these weights).
     """
     from transformers.utils import logging as hf_logging
 
@@ -187,12 +190,13 @@ def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | 
     if not torch.cuda.is_available():  # CPU: as many torch threads as a worker is granted (see generation.py)
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     try:
-        return _evaluate(cfg, model=model, data=data, out=out, backend=backend)
+        return _evaluate(cfg, model=model, data=data, out=out, backend=backend, preference=preference)
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path | None, backend: str) -> dict[str, Any]:
+def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path | None, backend: str,
+              preference: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     if data is not None:
         cfg = cfg.replace({"data.test": data})
@@ -214,13 +218,17 @@ def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path |
         "settings": {"eval": dataclasses.asdict(cfg.eval), "prompt_template": cfg.data.prompt_template,
                      "use_chat_template": cfg.data.use_chat_template, "beta": cfg.loss.beta},
     }
+    if not preference and not (cfg.eval.generate and cfg.eval.judges):
+        raise ValueError("nothing to evaluate: preference=False and no generation/judges")
     t1 = time.perf_counter()
-    pref = preference_block(preference_eval(cfg, model_path, reference, tokenizer_path, pairs))
-    if report["reference_model"] is None:  # policy == reference: implicit reward is 0 by construction
-        pref["implicit"] = balance_metrics(dict.fromkeys(categories))
+    pref = None
+    if preference:
+        pref = preference_block(preference_eval(cfg, model_path, reference, tokenizer_path, pairs))
+        if report["reference_model"] is None:  # policy == reference: implicit reward is 0 by construction
+            pref["implicit"] = balance_metrics(dict.fromkeys(categories))
     report["preference"] = pref
     timing = {"preference_s": time.perf_counter() - t1}
-    helpfulness: dict[str, Any] = {f"preference:{k}": v for k, v in pref["helpfulness"].items()}
+    helpfulness: dict[str, Any] = {f"preference:{k}": v for k, v in (pref or {}).get("helpfulness", {}).items()}
     report.update(judges={}, over_refusal={}, benign_prompts=0)
     if cfg.eval.generate:
         items = category_prompts(rows, categories, cfg.eval.max_prompts_per_category) + load_benign(cfg.eval.benign)
@@ -245,15 +253,17 @@ def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path |
                 report["over_refusal"][name] = block["over_refusal"]
         reward_model = getattr(cfg.eval, "reward_model", None)  # proposed config key, optional
         if reward_model:
-            scores = SequenceScorer(reward_model, trust_remote_code=cfg.model.trust_remote_code).scores(prompts, responses)
+            template = getattr(cfg.eval, "classifier_template", PKU_SCORE_TEMPLATE)
+            scorer = SequenceScorer(reward_model, template=template, trust_remote_code=cfg.model.trust_remote_code)
+            scores = scorer.scores(prompts, responses)
             cat_scores = [s for s, it in zip(scores, items) if not it.benign]
             helpfulness["reward_model"] = sum(cat_scores) / len(cat_scores) if cat_scores else None
         _write_generations(out_dir / "generations.jsonl", items, responses, verdicts)
     report["helpfulness"] = helpfulness
     primary = f"judge:{cfg.eval.judges[0]}" if report["judges"] else "preference:likelihood"
-    block = report["judges"][primary[6:]] if primary.startswith("judge:") else pref["likelihood"]
+    block = report["judges"][primary[6:]] if primary.startswith("judge:") else pref["likelihood"]  # type: ignore[index]
     report.update(primary=primary, **{k: block[k] for k in ("per_category", "macro", "worst3", "gap", "variance")})
-    report["plots"] = _plots(report, Path(model_path), out_dir)
+    report["plots"] = report_plots(report, Path(model_path), out_dir)
     report["timing"] = timing
     report["wall_time_s"] = time.perf_counter() - t0
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -270,76 +280,3 @@ def _write_generations(path: Path, items: Sequence[PromptItem], responses: Seque
             judged = {name: dataclasses.asdict(v[i]) for name, v in verdicts.items()}
             fh.write(json.dumps({"prompt": item.prompt, "categories": list(item.categories), "benign": item.benign,
                                  "response": response, "verdicts": judged}) + "\n")
-
-
-def _sources(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    sources = {f"judge:{n}": b for n, b in report["judges"].items()}
-    for key in ("likelihood", "implicit", "ref_likelihood"):
-        if report["preference"][key]["num_categories"]:
-            sources[f"preference:{key}"] = report["preference"][key]
-    return sources
-
-
-def _run_loss(run_dir: Path) -> str | None:
-    """``loss.name`` of the run whose ``final/`` is evaluated (None if not a run)."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    return ((yaml.safe_load(path.read_text()) or {}).get("loss") or {}).get("name") if path.exists() else None
-
-
-def _plots(report: dict[str, Any], model_dir: Path, out_dir: Path) -> list[str]:
-    """Per-category bars per score source, the balance panel, and the run's lambda / curve plots."""
-    from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_eval_curves
-    from catdpo_ray.eval.plots import plot_lambdas
-
-    sources = _sources(report)
-    plots = []
-    for key, block in sources.items():
-        slug = key.replace(":", "-")
-        plot_category_bars({source_label(key): block["per_category"]}, out_dir / f"bars_{slug}.png",
-                           title=f"{source_label(key)} per category (weakest eight marked)")
-        plots.append(f"bars_{slug}.png")
-    plot_balance_panel({source_label(k): b for k, b in sources.items()}, out_dir / "balance.png",
-                       title=f"category balance of {model_dir.parent.name}/{model_dir.name}")
-    plots.append("balance.png")
-    run_dir = model_dir.parent
-    lam = run_dir / "lambdas.csv"
-    if lam.exists() and sum(1 for _ in lam.open()) > 1 and _run_loss(run_dir) == "catdpo":
-        plot_lambdas(lam, out_dir / "lambdas.png", reference_margin=10.0, title=f"{run_dir.name}: λ_k per category")
-        plots.append("lambdas.png")
-    if (run_dir / "metrics.jsonl").exists() and plot_eval_curves({run_dir.name: run_dir / "metrics.jsonl"},
-                                                                 out_dir / "eval_curves.png"):
-        plots.append("eval_curves.png")
-    return plots
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: summary table per score source, per-category table, plots."""
-    sources = _sources(report)
-    labels = {k: source_label(k) for k in sources}
-    extra = {
-        "helpfulness (%)": {labels[k]: report["helpfulness"].get(k) for k in sources},
-        "over-refusal (%)": {labels[k]: report["over_refusal"].get(k[6:]) for k in sources if k.startswith("judge:")},
-    }
-    counts: dict[str, dict[str, int]] = {"safety-gap pairs": report["preference"]["safety_gap_pairs"]}
-    if report["judges"]:
-        counts = {"prompts": next(iter(report["judges"].values()))["n_prompts"], **counts}
-    gen = report.get("generation")
-    lines = [
-        f"# Evaluation of `{report['model']}`", "",
-        f"- reference model: `{report['reference_model']}`" if report["reference_model"] else
-        "- reference model: none (the model itself; implicit-reward accuracy n/a)",
-        f"- held-out data: `{report['test_data']['source']}` ({report['test_data']['pairs']} safety-aware pairs)",
-        (f"- generation: {gen['prompts']} category prompts + {gen['benign_prompts']} benign prompts, "
-         f"{gen['backend']}, max_new_tokens={gen['max_new_tokens']}, temperature={gen['temperature']}, "
-         f"top_p={gen['top_p']}, {gen['seconds']:.1f} s") if gen else "- generation: off",
-        f"- primary score: {source_label(report['primary'])}; wall time {report.get('wall_time_s', 0.0):.1f} s", "",
-        "## Summary", "", balance_table({labels[k]: b for k, b in sources.items()}, label="score", extra=extra), "",
-        "Over-refusal: share of benign prompts refused. Helpfulness: judge helpfulness on category prompts, or "
-        "preference accuracy on held-out both-safe pairs.", "",
-        "## Per category (▼ = weakest eight)", "",
-        category_table({labels[k]: b["per_category"] for k, b in sources.items()}, counts=counts), "",
-        "## Plots", "", *[f"![{p}]({p})" for p in report.get("plots", [])],
-    ]
-    return "\n".join(lines) + "\n"

@@ -136,3 +136,17 @@ def test_markdown_tables() -> None:
     assert lines[0] == "| category | n | x |" and lines[2] == "| c0 | 4 | 0.0 ▼ |"
     assert lines[9] == "| c7 | 0 | 70.0 ▼ |" and lines[10] == "| c8 | 0 | 80.0 |"  # weakest eight marked
     assert lines[-1] == "| none | 0 | n/a |"
+
+
+def test_panels_draw_missing_categories_error_bars_and_lambdas(tmp_path: Path) -> None:
+    from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_lambda_grid
+
+    scores = {"A": {f"c{i}": 10.0 * i for i in range(10)} | {"none": None}, "B": {"c0": 50.0, "c1": None}}
+    assert plot_category_bars(scores, tmp_path / "bars.png").stat().st_size > 1000
+    metrics = {"A": {"macro": 80.0, "worst3": 60.0, "gap": 30.0, "variance": 5.0},
+               "B": {"macro": None, "worst3": None, "gap": None, "variance": None}}
+    errors = {"A": {"macro": 1.0, "worst3": 2.0, "gap": 3.0, "variance": 0.5}, "B": {}}
+    assert plot_balance_panel(metrics, tmp_path / "panel.png", errors=errors).stat().st_size > 1000
+    lam = tmp_path / "lambdas.csv"
+    lam.write_text("step,a,b\n1,0.5,0.0\n2,1.0,0.2\n")
+    assert plot_lambda_grid({"run": lam}, tmp_path / "lam.png").stat().st_size > 1000
