@@ -175,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/catdpo-bench", help="run directories (large; not committed)")
     p.add_argument("--out", default=str(RESULTS), help="tables and panels")
     p.add_argument("--tag", default="balance", help="output file stem")
+    p.add_argument("--replot", default=None, help="re-render tables and panels from a saved <tag>.json, then exit")
     args = p.parse_args(argv)
+    if args.replot:
+        replot(Path(args.replot), Path(args.out))
+        return 0
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method {unknown[0]!r}; choose from {list(METHODS)}")
@@ -232,16 +236,26 @@ def main(argv: list[str] | None = None) -> int:
         if BASE in results and seed_eval and "error" not in results[BASE][seed]:
             results[BASE][seed] |= base_preference(seed_eval)
     wall = time.perf_counter() - t_start
-    write_outputs(results, args, out, work, wall, argv if argv is not None else sys.argv[1:])
+    cli = argv if argv is not None else sys.argv[1:]
+    write_outputs(results, args, out, work, wall, "python benchmarks/balance.py" + "".join(f" {a!r}" if " " in a or "[" in a
+                                                                                          else f" {a}" for a in cli))
     return 0
 
 
+def replot(saved_json: Path, out: Path) -> None:
+    """Re-render the tables and panels of a finished benchmark from its JSON (no training)."""
+    saved = json.loads(saved_json.read_text())
+    args = argparse.Namespace(**saved["args"])
+    runs = {m: {int(s): r for s, r in by_seed.items()} for m, by_seed in saved["runs"].items()}
+    write_outputs(runs, args, out, Path(args.work), saved["wall_time_s"], saved["command"])
+
+
 def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Namespace, out: Path, work: Path,
-                  wall: float, argv: list[str]) -> None:
+                  wall: float, command: str) -> None:
+    """``<tag>.md`` (the tables), ``<tag>.json`` (every number), balance panels, per-category bars, lambda plot."""
     from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_lambda_grid
 
     agg = aggregate(results)
-    command = "python benchmarks/balance.py" + ("" if not argv else " " + " ".join(argv))
     md = [f"## Per-category balance benchmark ({args.tag})", "",
           f"Command: `{command}`  ", f"Wall time: {wall / 60:.1f} min on this machine (2 CPU cores, shared); "
           f"seeds {args.seeds}; {args.steps} steps x {args.batch} pairs per method; tiny model, bundled corpus.", "",
@@ -259,7 +273,7 @@ def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.
             ok = [r for r in by_seed.values() if block in r]
             if ok:
                 cats = ok[0][block]["per_category"]
-                per_cat[m] = {c: statistics.fmean(r[block]["per_category"][c] for r in ok) for c in cats}
+                per_cat[m] = {c: mean_std([r[block]["per_category"].get(c) for r in ok])[0] for c in cats}
         plot_category_bars(per_cat, out / f"{args.tag}_bars_{block}.png", title=f"{title}: per category, mean over seeds")
     lam = {f"{m} s{s}": work / run_name(m, s) / "lambdas.csv" for m in results if m.startswith("Cat-DPO")
            for s in args.seeds[:1]}

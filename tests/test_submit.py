@@ -214,7 +214,7 @@ def test_tiny_job_submitted_to_a_local_head_succeeds(local_head: dict[str, str],
         urllib.request.urlopen(f"{sub.address}/api/jobs/", timeout=30)
     assert denied.value.code == 401
 
-    job_id = S.submit(sub)
+    job_id = S.submit(sub, agent_wait_s=420)  # a loaded 2-core box can take minutes to start the job agent
     assert job_id == sub.submission_id
     status = S.wait(sub.address, job_id, headers=sub.headers, timeout_s=840, echo=False)
     logs = client.get_job_logs(job_id)

@@ -115,6 +115,8 @@ class PairTokenizer:
         out["categories"] = [np.asarray(c, dtype=np.int8) for c in batch["categories"]]
         out["chosen_safe"] = np.asarray(batch["chosen_safe"], dtype=np.int64)
         out["rejected_safe"] = np.asarray(batch["rejected_safe"], dtype=np.int64)
+        if "split" in batch:  # passed through so several splits can share one tokenization pass
+            out["split"] = np.asarray(batch["split"], dtype=np.int8)
         return out
 
 

@@ -71,7 +71,7 @@ def plot_category_bars(series: Mapping[str, Mapping[str, float | None]], out_png
             ax.text(float(value) + 0.5, y, f"{float(value):.0f}", va="center", fontsize=5)  # type: ignore[arg-type]
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(j % 10)) for j in range(len(names))]
     handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="red", hatch="///"))
-    ax.legend(handles, [*names, f"weakest {weakest_n}"], fontsize=7, loc="lower right")
+    ax.legend(handles, [*names, f"weakest {weakest_n}"], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_yticks(range(len(categories)), categories, fontsize=7)
     ax.set_xlim(0, 108)
     ax.set_xlabel(xlabel)
@@ -101,9 +101,9 @@ def plot_balance_panel(metrics: Mapping[str, Mapping[str, Any]], out_png: Path, 
         heights = [float(v) if _finite(v) else 0.0 for v in values]
         yerr = [float((errors or {}).get(n, {}).get(key) or 0.0) for n in names] if errors else None
         bars = ax.bar(range(len(names)), heights, color=[cmap(i % 10) for i in range(len(names))], yerr=yerr, capsize=3)
-        for bar, v in zip(bars, values):
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.1f}" if _finite(v) else "n/a",
-                    ha="center", va="bottom", fontsize=7)
+        for i, (bar, v) in enumerate(zip(bars, values)):  # the value sits above its error bar
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + (yerr[i] if yerr else 0.0),
+                    f"{v:.1f}" if _finite(v) else "n/a", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
         if key in ("macro", "worst3"):
