@@ -250,6 +250,39 @@ def replot(saved_json: Path, out: Path) -> None:
     write_outputs(runs, args, out, Path(args.work), saved["wall_time_s"], saved["command"])
 
 
+def diagnostics(results: dict[str, dict[int, dict[str, Any]]], work: Path, seeds: list[int]) -> str:
+    """Hard vs easy categories of the corpus (``CategorySpec.hard``): safe ratio per method and, for
+    Cat-DPO runs, the final lambda (from the run directories, when they still exist)."""
+    from catdpo_ray.data.synth import CATEGORY_SPECS
+    from catdpo_ray.eval.plots import read_lambdas
+
+    hard = {s.name for s in CATEGORY_SPECS if s.hard}
+    lines = ["### Diagnostics: hard vs easy categories of the bundled corpus", "",
+             "| method | gen safe ratio, hard (%) | gen safe ratio, easy (%) | final λ, hard | final λ, easy | "
+             "top-λ categories (seed 0) |", "|---|---:|---:|---:|---:|---|"]
+    for m, by_seed in results.items():
+        runs = [r["gen"]["per_category"] for r in by_seed.values() if "gen" in r]
+        if not runs:
+            continue
+        mean = {h: statistics.fmean(v for pc in runs for c, v in pc.items() if (c in hard) == h and v is not None)
+                for h in (True, False)}
+        lam: dict[bool, list[float]] = {True: [], False: []}
+        top = ""
+        for s in seeds:
+            path = work / run_name(m, s) / "lambdas.csv"
+            if m.startswith("Cat-DPO") and path.exists():
+                _, series = read_lambdas(path)
+                final = {c: v[-1] for c, v in series.items() if v}
+                for c, v in final.items():
+                    lam[c in hard].append(v)
+                if s == seeds[0]:
+                    top = ", ".join(f"{c}{' (hard)' if c in hard else ''} {final[c]:.1f}"
+                                    for c in sorted(final, key=lambda c: -final[c])[:4])
+        lam_cells = [f"{statistics.fmean(lam[h]):.2f}" if lam[h] else "–" for h in (True, False)]
+        lines.append(f"| {m} | {mean[True]:.1f} | {mean[False]:.1f} | {lam_cells[0]} | {lam_cells[1]} | {top or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Namespace, out: Path, work: Path,
                   wall: float, command: str) -> None:
     """``<tag>.md`` (the tables), ``<tag>.json`` (every number), balance panels, per-category bars, lambda plot."""
@@ -259,7 +292,7 @@ def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.
     md = [f"## Per-category balance benchmark ({args.tag})", "",
           f"Command: `{command}`  ", f"Wall time: {wall / 60:.1f} min on this machine (2 CPU cores, shared); "
           f"seeds {args.seeds}; {args.steps} steps x {args.batch} pairs per method; tiny model, bundled corpus.", "",
-          tables(agg)]
+          tables(agg), diagnostics(results, work, list(args.seeds))]
     (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     (out / f"{args.tag}.json").write_text(json.dumps({"command": command, "wall_time_s": wall, "args": vars(args),
                                                       "aggregate": agg, "runs": results}, indent=2, default=str))

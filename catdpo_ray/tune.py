@@ -36,6 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ray import tune as ray_tune
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from catdpo_ray.config import ConfigError, RunConfig, from_dict, load_config, to_yaml
@@ -44,6 +46,8 @@ from catdpo_ray.config import ConfigError, RunConfig, from_dict, load_config, to
 #: 1.0/0.0 for the helpfulness guard.
 SCORE_KEY = "sweep/score"
 FEASIBLE_KEY = "sweep/feasible"
+#: File in each trial's run directory listing the placement groups its Train run reserved.
+PLACEMENT_GROUP_LOG = "placement_groups.txt"
 #: Memory (bytes) a trial driver reserves; it holds no CPU (see :func:`trial_driver_resources`).
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 #: Held-out evaluations per trial when ``train.eval_every`` is 0 and ASHA needs intermediate rungs.
@@ -225,6 +229,77 @@ class GuardedTuneReport(TuneReportCallback):
 
 
 # ---------------------------------------------------------------------------------------------
+# placement groups of stopped trials
+#
+# When ASHA stops a trial, Tune ends the trial's actor and, with it, the Train controller it owns.
+# The controller's placement group outlives it (it belongs to the job); Ray Train's detached
+# PlacementGroupCleaner frees it only where the State API answers (a dashboard, one Ray instance
+# per machine). Where it does not, every stopped trial would keep its CPUs/GPUs reserved and the
+# next trials would wait forever. So each run logs its placement groups and the sweep driver frees
+# those of trials that are over.
+
+
+class PlacementGroupLog(WorkerGroupCallback):
+    """Train-controller callback: append the id of every placement group the run's worker group
+    starts in to ``path`` (a restarted worker group gets a new one)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        with open(self.path, "a") as fh:
+            fh.write(pg.id.hex() + "\n")
+
+
+def release_placement_groups(log: Path) -> int:
+    """Remove every placement group listed in ``log`` that still exists; returns how many.
+    Only for runs that are over: removing a live run's group kills its workers."""
+    from ray import PlacementGroupID
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if not log.exists():
+        return 0
+    released = 0
+    for line in log.read_text().split():
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(line)))
+        if placement_group_table(pg).get("state", "REMOVED") != "REMOVED":
+            remove_placement_group(pg)
+            released += 1
+    return released
+
+
+class ReleaseEndedTrials(ray_tune.Callback):
+    """Tune callback (sweep driver): a few seconds after a trial ends -- finished, stopped by ASHA or
+    failed -- free what its Train run still holds, and keep checking for a minute in case a
+    dying controller restarted its worker group."""
+
+    def __init__(self, trials_dir: Path, axes: Sequence[str], grace_s: float = 5.0, watch_s: float = 60.0) -> None:
+        self.trials_dir, self.axes, self.grace_s, self.watch_s = trials_dir, list(axes), grace_s, watch_s
+        self._ended: dict[str, float] = {}
+
+    def _end(self, trial: Any) -> None:
+        self._ended[trial_name({k: trial.config[k] for k in self.axes}, trial.trial_id)] = time.monotonic()
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._end(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._end(trial)
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        now = time.monotonic()
+        for name, ended in list(self._ended.items()):
+            if now - ended < self.grace_s:
+                continue
+            if release_placement_groups(self.trials_dir / name / PLACEMENT_GROUP_LOG):
+                print(f"[tune] freed the resources {name} still held after it ended", flush=True)
+            if now - ended > self.watch_s:
+                del self._ended[name]
+
+
+# ---------------------------------------------------------------------------------------------
 # the trial (a Ray Train driver function run by Tune)
 
 
@@ -256,8 +331,9 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], data: Any, trials_di
     run_dir = Path(trials_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    callback = GuardedTuneReport(cfg.tune.objective, cfg.tune.mode, cfg.tune.helpfulness_floor)
-    result = fit_run(cfg, data, run_dir, name, callbacks=[callback])
+    callbacks = [GuardedTuneReport(cfg.tune.objective, cfg.tune.mode, cfg.tune.helpfulness_floor),
+                 PlacementGroupLog(str(run_dir / PLACEMENT_GROUP_LOG))]
+    result = fit_run(cfg, data, run_dir, name, callbacks=callbacks)
     if result.error is not None:
         raise RuntimeError(f"trial {name} failed: {result.summary.get('error')}") from result.error
 
@@ -335,9 +411,12 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
             trial_name_creator=lambda t: trial_name({k: t.config[k] for k in axes}, t.trial_id),
             trial_dirname_creator=lambda t: trial_name({k: t.config[k] for k in axes}, t.trial_id),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=storage),
+        run_config=tune.RunConfig(name="tune", storage_path=storage,
+                                  callbacks=[ReleaseEndedTrials(trials_dir, list(axes))]),
     )
     grid = tuner.fit()
+    for log in trials_dir.glob(f"*/{PLACEMENT_GROUP_LOG}"):  # every trial is over now
+        release_placement_groups(log)
     rows = collect_rows(grid, axes, trials_dir, cfg)
     result = write_sweep_outputs(sweep_dir, cfg, axes, rows, wall_time_s=time.perf_counter() - t0,
                                  extra={"concurrency": concurrency, "total_steps": total_steps,

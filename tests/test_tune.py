@@ -16,6 +16,7 @@ from catdpo_ray.config import ConfigError, load_config
 from catdpo_ray.tune import (
     DEFAULT_SWEEP_OVERRIDES,
     FEASIBLE_KEY,
+    PLACEMENT_GROUP_LOG,
     SCORE_KEY,
     check_axes,
     evals_per_trial,
@@ -25,6 +26,7 @@ from catdpo_ray.tune import (
     num_trials,
     param_space,
     pick_best,
+    release_placement_groups,
     search_axes,
     trial_concurrency,
     trial_driver_resources,
@@ -299,6 +301,19 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
         (tmp_path / "control").mkdir()
         prepare_data(cfg, tmp_path / "control", verbose=False)
         assert _tokenized_rows(counter) == 2 * pairs
+
+        # Nothing stays reserved after the sweep: every trial's placement groups are gone, and a
+        # logged group that is still alive is freed by the sweep's janitor.
+        from ray.util import placement_group_table
+        from ray.util.placement_group import placement_group
+
+        assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+        leaked = placement_group([{"CPU": 1}])
+        ray.get(leaked.ready())
+        log = tmp_path / "leaked.txt"
+        log.write_text(leaked.id.hex() + "\n")
+        assert release_placement_groups(log) == 1 and release_placement_groups(log) == 0
+        assert placement_group_table(leaked)["state"] == "REMOVED"
     finally:
         ray.shutdown()
     assert len(result.rows) == 2 and summary["concurrency"] == 2
@@ -307,6 +322,7 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert any(s.get("kind") == "step" for s in steps), f"{run_dir.name} trained no step"
         assert json.loads((run_dir / "trial.json").read_text())["trial"] == run_dir.name
+        assert (run_dir / PLACEMENT_GROUP_LOG).read_text().split(), "the run logged its placement group"
         assert row["evals"] >= 1 and not math.isnan(row["objective"])
         if row["status"] == "finished":
             assert (run_dir / "summary.json").exists() and (run_dir / "final" / "config.json").exists()

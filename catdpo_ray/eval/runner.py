@@ -178,7 +178,8 @@ def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | 
         cfg: the config (see :func:`eval_config`); ``eval`` drives judges and generation.
         model: HF model directory (e.g. ``runs/NAME/final``), hub id, or ``tiny``.
         data: PKU-schema test file replacing ``data.test``.
-        out: output directory (default ``eval.output_dir``, else ``<model>/eval``, else ``eval-<id>``).
+        out: output directory (default ``eval.output_dir``, else ``<model>/eval`` for a local directory,
+            else ``./eval-<name>`` for ``tiny`` or a hub id).
         backend: generation backend, ``auto``/``ray``/``local`` (see ``generate_responses``).
         preference: run the offline preference accuracy (False: ``report["preference"]`` is None, e.g. when
             the trainer's ``summary.json`` already holds it for these weights).
@@ -201,7 +202,9 @@ def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path |
     if data is not None:
         cfg = cfg.replace({"data.test": data})
     model_path = _resolve(model, cfg)
-    default_out = Path(model_path) / "eval" if Path(model_path).is_dir() else Path(f"eval-{model.replace('/', '--')}")
+    # Next to a run's final/ (or any local model directory); for ``tiny`` or a hub id, in the working directory.
+    local = Path(model).is_dir()
+    default_out = Path(model) / "eval" if local else Path(f"eval-{model.replace('/', '--')}")
     out_dir = Path(out or cfg.eval.output_dir or default_out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = model_path if cfg.model.tokenizer == "auto" else cfg.model.tokenizer
@@ -231,34 +234,8 @@ def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path |
     helpfulness: dict[str, Any] = {f"preference:{k}": v for k, v in (pref or {}).get("helpfulness", {}).items()}
     report.update(judges={}, over_refusal={}, benign_prompts=0)
     if cfg.eval.generate:
-        items = category_prompts(rows, categories, cfg.eval.max_prompts_per_category) + load_benign(cfg.eval.benign)
-        prompts = [it.prompt for it in items]
-        t1 = time.perf_counter()
-        responses, used = generate_responses(cfg, model_path, prompts, tokenizer_path=tokenizer_path, backend=backend)
-        timing["generation_s"] = time.perf_counter() - t1
-        n_benign = sum(it.benign for it in items)
-        report["generation"] = {"backend": used, "prompts": len(items) - n_benign, "benign_prompts": n_benign,
-                                "max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature,
-                                "top_p": cfg.eval.top_p, "seconds": timing["generation_s"]}
-        report["benign_prompts"] = n_benign
-        verdicts: dict[str, list[Verdict]] = {}
-        for name, judge in build_judges(cfg).items():
-            t1 = time.perf_counter()
-            verdicts[name] = judge.judge(prompts, responses)
-            timing[f"judge_{name}_s"] = time.perf_counter() - t1
-            block = score_judge(items, verdicts[name], categories)
-            report["judges"][name] = block
-            helpfulness[f"judge:{name}"] = block["helpfulness"]
-            if block["over_refusal"] is not None:
-                report["over_refusal"][name] = block["over_refusal"]
-        reward_model = getattr(cfg.eval, "reward_model", None)  # proposed config key, optional
-        if reward_model:
-            template = getattr(cfg.eval, "classifier_template", PKU_SCORE_TEMPLATE)
-            scorer = SequenceScorer(reward_model, template=template, trust_remote_code=cfg.model.trust_remote_code)
-            scores = scorer.scores(prompts, responses)
-            cat_scores = [s for s, it in zip(scores, items) if not it.benign]
-            helpfulness["reward_model"] = sum(cat_scores) / len(cat_scores) if cat_scores else None
-        _write_generations(out_dir / "generations.jsonl", items, responses, verdicts)
+        _generate_and_judge(cfg, report, rows, model_path=model_path, tokenizer_path=tokenizer_path, backend=backend,
+                            out_dir=out_dir, helpfulness=helpfulness, timing=timing)
     report["helpfulness"] = helpfulness
     primary = f"judge:{cfg.eval.judges[0]}" if report["judges"] else "preference:likelihood"
     block = report["judges"][primary[6:]] if primary.startswith("judge:") else pref["likelihood"]  # type: ignore[index]
@@ -271,6 +248,42 @@ def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path |
     print(f"[eval] {primary}: Macro {block['macro']}, Worst-3 {block['worst3']}, Gap {block['gap']}, "
           f"Variance {block['variance']}; report in {out_dir.resolve()}", flush=True)
     return report
+
+
+def _generate_and_judge(cfg: RunConfig, report: dict[str, Any], rows: Sequence[dict[str, Any]], *, model_path: str,
+                        tokenizer_path: str, backend: str, out_dir: Path, helpfulness: dict[str, Any],
+                        timing: dict[str, float]) -> None:
+    """Generate for the category and benign prompts, run every judge, fill ``report`` (judges, over-refusal,
+    generation) and ``helpfulness``/``timing`` in place, and write ``generations.jsonl``."""
+    categories = list(cfg.data.categories)
+    items = category_prompts(rows, categories, cfg.eval.max_prompts_per_category) + load_benign(cfg.eval.benign)
+    prompts = [it.prompt for it in items]
+    t1 = time.perf_counter()
+    responses, used = generate_responses(cfg, model_path, prompts, tokenizer_path=tokenizer_path, backend=backend)
+    timing["generation_s"] = time.perf_counter() - t1
+    n_benign = sum(it.benign for it in items)
+    report["generation"] = {"backend": used, "prompts": len(items) - n_benign, "benign_prompts": n_benign,
+                            "max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature,
+                            "top_p": cfg.eval.top_p, "seconds": timing["generation_s"]}
+    report["benign_prompts"] = n_benign
+    verdicts: dict[str, list[Verdict]] = {}
+    for name, judge in build_judges(cfg).items():
+        t1 = time.perf_counter()
+        verdicts[name] = judge.judge(prompts, responses)
+        timing[f"judge_{name}_s"] = time.perf_counter() - t1
+        block = score_judge(items, verdicts[name], categories)
+        report["judges"][name] = block
+        helpfulness[f"judge:{name}"] = block["helpfulness"]
+        if block["over_refusal"] is not None:
+            report["over_refusal"][name] = block["over_refusal"]
+    reward_model = getattr(cfg.eval, "reward_model", None)  # proposed config key, optional
+    if reward_model:
+        template = getattr(cfg.eval, "classifier_template", PKU_SCORE_TEMPLATE)
+        scorer = SequenceScorer(reward_model, template=template, trust_remote_code=cfg.model.trust_remote_code)
+        scores = scorer.scores(prompts, responses)
+        cat_scores = [s for s, it in zip(scores, items) if not it.benign]
+        helpfulness["reward_model"] = sum(cat_scores) / len(cat_scores) if cat_scores else None
+    _write_generations(out_dir / "generations.jsonl", items, responses, verdicts)
 
 
 def _write_generations(path: Path, items: Sequence[PromptItem], responses: Sequence[str],

@@ -50,7 +50,7 @@ def _likelihood_accuracy(model_dir: str, test_file: str, tokenizer_dir: str) -> 
 
 
 def test_zero2_two_workers_odd_dataset(tiny_model_dir: str, tmp_path: Path) -> None:
-    train, test = small_corpus(tmp_path, 430, 160)
+    train, test = small_corpus(tmp_path, 310, 100)
     cfg = load_config(None, [
         f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.test={test}", f"output.dir={tmp_path}",
         "output.name=z2", "scaling.num_workers=2", "train.zero_stage=2", "train.micro_batch_size=8", "train.epochs=2",
