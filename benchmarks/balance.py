@@ -52,6 +52,8 @@ METHODS: dict[str, list[str]] = {
 DEFAULT_METHODS = ["DPO-helpful", "DPO-SafeBetter", "SafeDPO", "B-DPO", "Cat-DPO"]
 BASE = "SFT (no alignment)"
 KEYS = ("macro", "worst3", "gap", "variance")
+#: Result blocks: generation safe ratio, safe-and-fluent ratio, offline likelihood / implicit-reward accuracy.
+BLOCKS = ("gen", "fluent", "pref", "implicit")
 
 
 def run_name(method: str, seed: int) -> str:
@@ -80,9 +82,14 @@ def summarize(report: dict[str, Any], final_eval: dict[str, Any] | None) -> dict
     accuracy (from the trainer's final held-out evaluation of the same weights, ``summary.json``)."""
     from catdpo_ray.eval.compare import preference_block
 
-    rule = report["judges"]["rule"]
-    out: dict[str, Any] = {"gen": {k: rule[k] for k in KEYS} | {
-        "helpfulness": rule["helpfulness"], "over_refusal": rule["over_refusal"], "per_category": rule["per_category"]}}
+    rule, fluency = report["judges"]["rule"], report["fluency"]
+    out: dict[str, Any] = {
+        "gen": {k: rule[k] for k in KEYS} | {"helpfulness": rule["helpfulness"], "over_refusal": rule["over_refusal"],
+                                             "per_category": rule["per_category"]},
+        "fluent": {k: rule["safe_fluent"][k] for k in KEYS} | {
+            "helpfulness": rule["fluent_helpfulness"], "fluent_share": fluency["fluent_share"],
+            "nll": fluency["nll_per_token"], "per_category": rule["safe_fluent"]["per_category"]},
+    }
     if final_eval:
         pref = preference_block(final_eval)
         out["pref"] = _block(pref["likelihood"], pref["helpfulness"]["likelihood"])
@@ -112,7 +119,7 @@ def aggregate(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[s
     for method, by_seed in results.items():
         ok = [r for r in by_seed.values() if "error" not in r]
         out[method] = {}
-        for block in ("gen", "pref", "implicit"):
+        for block in BLOCKS:
             have = [r[block] for r in ok if block in r]
             if have:
                 out[method][block] = {k: mean_std([b[k] for b in have]) for k in have[0] if k != "per_category"}
@@ -125,26 +132,32 @@ def _cell(ms: tuple | None, digits: int = 1) -> str:
     return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
-def tables(agg: dict[str, dict[str, dict[str, tuple]]]) -> str:
-    head = "| method | Macro ↑ | Worst-3 ↑ | Gap ↓ | Variance ×10³ ↓ | helpfulness ↑ | over-refusal |\n|---|---:|---:|---:|---:|---:|---:|"
-    lines = ["### Generation: safe ratio under the rule judge (%, answers sampled at temperature 1)", "", head]
+def _table(agg: dict[str, dict[str, dict[str, tuple]]], block: str, extra: list[tuple[str, str, int]]) -> list[str]:
+    """Markdown rows of one result block: the four balance metrics, then ``extra`` (header, key, digits)."""
+    head = ["method", "Macro ↑", "Worst-3 ↑", "Gap ↓", "Variance ×10³ ↓", *(h for h, _, _ in extra)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m, a in agg.items():
-        if "gen" in a:
-            g = a["gen"]
-            lines.append(f"| {m} | {_cell(g['macro'])} | {_cell(g['worst3'])} | {_cell(g['gap'])} | {_cell(g['variance'], 2)} | "
-                         f"{_cell(g['helpfulness'])} | {_cell(g['over_refusal'])} |")
-    lines += ["", "Helpfulness: share of answers to category prompts that engage without harm (a redirect or a harmless "
-              "plan; not a bare refusal). Over-refusal: share of the 60 bundled benign prompts refused.", ""]
+        if block in a:
+            b = a[block]
+            cells = [_cell(b["macro"]), _cell(b["worst3"]), _cell(b["gap"]), _cell(b["variance"], 2)]
+            cells += [_cell(b.get(key), digits) for _, key, digits in extra]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def tables(agg: dict[str, dict[str, dict[str, tuple]]]) -> str:
+    """The benchmark's Markdown tables (mean ± std over seeds)."""
+    lines = ["### Generation: safe ratio under the rule judge (%, answers sampled at temperature 1)", "",
+             *_table(agg, "gen", [("helpfulness ↑", "helpfulness", 1), ("over-refusal", "over_refusal", 1)]), "",
+             "Helpfulness: share of answers to category prompts that engage without harm (a redirect or a harmless "
+             "plan; not a bare refusal). Over-refusal: share of the 60 bundled benign prompts refused.", "",
+             "### Generation: safe *and fluent* ratio (%; fluent = NLL per token under the SFT model <= 4 nats)", "",
+             *_table(agg, "fluent", [("fluent helpfulness ↑", "helpfulness", 1), ("fluent answers", "fluent_share", 1),
+                                     ("NLL/token", "nll", 2)]), "",
+             "A safe answer counts only if it is also fluent; fluent helpfulness counts word salad as unhelpful.", ""]
     for block, title in (("pref", "policy likelihood"), ("implicit", "implicit reward vs. the SFT model")):
         lines += [f"### Offline: held-out preference accuracy, {title} (%)", "",
-                  head.replace("helpfulness ↑ | over-refusal |", "helpful acc (both-safe pairs) ↑ |").replace("---:|---:|\n", "---:|\n")
-                  .replace("|---:|---:|---:|---:|---:|---:|", "|---:|---:|---:|---:|---:|")]
-        for m, a in agg.items():
-            if block in a:
-                p = a[block]
-                lines.append(f"| {m} | {_cell(p['macro'])} | {_cell(p['worst3'])} | {_cell(p['gap'])} | "
-                             f"{_cell(p['variance'], 2)} | {_cell(p['helpful_acc'])} |")
-        lines.append("")
+                  *_table(agg, block, [("helpful acc (both-safe pairs) ↑", "helpful_acc", 1)]), ""]
     return "\n".join(lines)
 
 
@@ -245,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 def replot(saved_json: Path, out: Path) -> None:
     """Re-render the tables and panels of a finished benchmark from its JSON (no training)."""
     saved = json.loads(saved_json.read_text())
+    out.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(**saved["args"])
     runs = {m: {int(s): r for s, r in by_seed.items()} for m, by_seed in saved["runs"].items()}
     write_outputs(runs, args, out, Path(args.work), saved["wall_time_s"], saved["command"])
@@ -258,14 +272,20 @@ def diagnostics(results: dict[str, dict[int, dict[str, Any]]], work: Path, seeds
 
     hard = {s.name for s in CATEGORY_SPECS if s.hard}
     lines = ["### Diagnostics: hard vs easy categories of the bundled corpus", "",
-             "| method | gen safe ratio, hard (%) | gen safe ratio, easy (%) | final λ, hard | final λ, easy | "
+             "| method | safe ratio, hard / easy (%) | safe & fluent, hard / easy (%) | final λ, hard | final λ, easy | "
              "top-λ categories (seed 0) |", "|---|---:|---:|---:|---:|---|"]
-    for m, by_seed in results.items():
-        runs = [r["gen"]["per_category"] for r in by_seed.values() if "gen" in r]
+
+    def hard_easy(block: str, by_seed: dict[int, dict[str, Any]]) -> str:
+        runs = [r[block]["per_category"] for r in by_seed.values() if block in r]
         if not runs:
-            continue
+            return "–"
         mean = {h: statistics.fmean(v for pc in runs for c, v in pc.items() if (c in hard) == h and v is not None)
                 for h in (True, False)}
+        return f"{mean[True]:.1f} / {mean[False]:.1f}"
+
+    for m, by_seed in results.items():
+        if not any("gen" in r for r in by_seed.values()):
+            continue
         lam: dict[bool, list[float]] = {True: [], False: []}
         top = ""
         for s in seeds:
@@ -279,7 +299,8 @@ def diagnostics(results: dict[str, dict[int, dict[str, Any]]], work: Path, seeds
                     top = ", ".join(f"{c}{' (hard)' if c in hard else ''} {final[c]:.1f}"
                                     for c in sorted(final, key=lambda c: -final[c])[:4])
         lam_cells = [f"{statistics.fmean(lam[h]):.2f}" if lam[h] else "–" for h in (True, False)]
-        lines.append(f"| {m} | {mean[True]:.1f} | {mean[False]:.1f} | {lam_cells[0]} | {lam_cells[1]} | {top or '–'} |")
+        lines.append(f"| {m} | {hard_easy('gen', by_seed)} | {hard_easy('fluent', by_seed)} | {lam_cells[0]} | "
+                     f"{lam_cells[1]} | {top or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +317,8 @@ def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.
     (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     (out / f"{args.tag}.json").write_text(json.dumps({"command": command, "wall_time_s": wall, "args": vars(args),
                                                       "aggregate": agg, "runs": results}, indent=2, default=str))
-    for block, title in (("gen", "generation, rule judge"), ("pref", "preference accuracy, policy likelihood")):
+    for block, title in (("gen", "generation, rule judge"), ("fluent", "generation, safe & fluent (rule judge)"),
+                         ("pref", "preference accuracy, policy likelihood")):
         metrics = {m: {k: a[block][k][0] for k in KEYS} for m, a in agg.items() if block in a}
         errors = {m: {k: a[block][k][1] for k in KEYS} for m, a in agg.items() if block in a}
         plot_balance_panel(metrics, out / f"{args.tag}_panel_{block}.png", errors=errors,

@@ -40,10 +40,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from catdpo_ray.tune import run_sweep
+    from catdpo_ray.tune import load_sweep_config, run_sweep
 
-    run_sweep(_load(args))
-    return 0
+    # Without --config: the embedded default sweep (= jobs/sweep_tiny_cpu.yaml); overrides apply on top.
+    result = run_sweep(load_sweep_config(args.config, args.overrides))
+    return 0 if result.best is not None else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -448,8 +448,8 @@ def collect_rows(grid: Any, axes: Mapping[str, list[Any]], trials_dir: Path, cfg
             status = "error"
         elif (run_dir / "summary.json").exists():
             status = "finished"
-        else:
-            status = "stopped early (ASHA)"
+        else:  # ended without its summary: stopped by the scheduler (or interrupted)
+            status = "stopped early (ASHA)" if cfg.tune.asha else "stopped"
         worst = -math.inf if cfg.tune.mode == "max" else math.inf
         row: dict[str, Any] = {"trial": name, **{k: _plain(res.config.get(k)) for k in axes}}
         row["score"] = float(metrics.get(SCORE_KEY, worst))

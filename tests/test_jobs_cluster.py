@@ -23,7 +23,7 @@ SHARED = "/mnt/shared"
 
 
 def _pyproject() -> dict[str, Any]:
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 

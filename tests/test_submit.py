@@ -155,7 +155,7 @@ def _stop_head(temp_dir: str) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
     for proc in alive:
         proc.kill()
 

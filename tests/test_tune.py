@@ -266,7 +266,10 @@ def _tokenized_rows(counter: Path) -> int:
 
 
 @pytest.mark.slow
-def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, tiny_model_dir: str) -> None:
+def test_two_trial_sweep_tokenizes_once_stops_early_and_frees_everything(tmp_path: Path, tiny_model_dir: str) -> None:
+    """Two trials, one after the other: ``train.lr`` 5e-4, then 0. With lr 0 the policy stays the
+    reference, so its implicit reward is exactly 0 on every pair: helpfulness 0 % < the 1 % floor,
+    infeasible, score -inf, and ASHA stops it at its first evaluation (rung 1) -- deterministic."""
     import ray
 
     from catdpo_ray.tune import run_sweep
@@ -276,9 +279,10 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
     (hook_dir / "catdpo_count_hook.py").write_text(textwrap.dedent(_COUNT_HOOK))
     counter = tmp_path / "tokenize_calls.txt"
     cfg = load_sweep_config(None, [
-        f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=96", "data.max_test_rows=24",
-        "tune.eta=[0.25, 1.0]", "tune.epsilon=[0.05]", "train.max_steps=2", "train.eval_every=1",
-        "tune.asha_grace_period=1", f"output.dir={tmp_path / 'out'}", "tune.name=sw", "logging.tensorboard=false",
+        f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=96", "data.max_test_rows=48",
+        "tune.eta=[0.25]", "tune.epsilon=[0.05]", "tune.extra={train.lr: [0.0005, 0.0]}", "tune.max_concurrent=1",
+        "train.max_steps=4", "train.eval_every=2", "tune.asha_grace_period=1", "tune.objective=eval/implicit_macro",
+        "tune.helpfulness_floor=1.0", f"output.dir={tmp_path / 'out'}", "tune.name=sw", "logging.tensorboard=false",
     ])
     if ray.is_initialized():
         ray.shutdown()
@@ -302,8 +306,8 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
         prepare_data(cfg, tmp_path / "control", verbose=False)
         assert _tokenized_rows(counter) == 2 * pairs
 
-        # Nothing stays reserved after the sweep: every trial's placement groups are gone, and a
-        # logged group that is still alive is freed by the sweep's janitor.
+        # Nothing stays reserved: the stopped trial's Train placement group was freed too (Ray's own
+        # cleaner cannot, without a State API), and the janitor frees a logged group still alive.
         from ray.util import placement_group_table
         from ray.util.placement_group import placement_group
 
@@ -316,16 +320,21 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
         assert placement_group_table(leaked)["state"] == "REMOVED"
     finally:
         ray.shutdown()
-    assert len(result.rows) == 2 and summary["concurrency"] == 2
+
+    by_lr = {row["train.lr"]: row for row in result.rows}
+    trained, frozen = by_lr[0.0005], by_lr[0.0]
+    assert trained["status"] == "finished" and trained["evals"] == 2 and trained["feasible"]
+    assert frozen["status"] == "stopped early (ASHA)" and frozen["evals"] == 1
+    assert not frozen["feasible"] and frozen["score"] == -math.inf and frozen["eval/helpful_acc"] == 0.0
+    assert trained["objective"] > frozen["objective"] == 0.0  # the objective is configurable
     for row in result.rows:
         run_dir = Path(row["run_dir"])
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert any(s.get("kind") == "step" for s in steps), f"{run_dir.name} trained no step"
         assert json.loads((run_dir / "trial.json").read_text())["trial"] == run_dir.name
         assert (run_dir / PLACEMENT_GROUP_LOG).read_text().split(), "the run logged its placement group"
-        assert row["evals"] >= 1 and not math.isnan(row["objective"])
-        if row["status"] == "finished":
-            assert (run_dir / "summary.json").exists() and (run_dir / "final" / "config.json").exists()
+    assert (Path(trained["run_dir"]) / "final" / "config.json").exists()
+    assert not (Path(frozen["run_dir"]) / "summary.json").exists()  # stopped mid-run
 
     # Worker metrics reached Tune with the guarded score, and the outputs exist.
     progress = sorted((sweep / "ray" / "tune").glob("*/result.json"))
@@ -335,5 +344,5 @@ def test_two_trial_sweep_tokenizes_once_and_writes_every_output(tmp_path: Path, 
     for name in ("results.csv", "results.md", "heatmap.png", "best_config.yaml"):
         assert (sweep / name).exists(), name
     best = load_config(result.best_config)
-    assert best.dual.eta in (0.25, 1.0) and best.dual.epsilon == 0.05 and best.train.max_steps == 2
+    assert best.train.lr == 0.0005 and best.dual.epsilon == 0.05 and best.train.max_steps == 4
     assert sys.modules.get("catdpo_count_hook") is None  # the hook ran in Ray workers, not in this process

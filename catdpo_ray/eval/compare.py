@@ -35,9 +35,11 @@ _REPORT_LOCATIONS = ("final/eval/report.json", "eval/report.json", "report.json"
 
 
 def source_label(key: str) -> str:
-    """``judge:rule`` -> ``safe ratio, rule judge``; preference keys from :data:`SOURCE_LABELS`."""
-    if key.startswith("judge:"):
-        return f"safe ratio, {key.split(':', 1)[1]} judge"
+    """``judge:rule`` -> ``safe ratio, rule judge``; ``judge:rule:fluent`` -> ``safe & fluent ratio, rule
+    judge``; preference keys from :data:`SOURCE_LABELS`."""
+    parts = key.split(":")
+    if parts[0] == "judge":
+        return f"{'safe & fluent' if parts[-1] == 'fluent' else 'safe'} ratio, {parts[1]} judge"
     return SOURCE_LABELS.get(key, key)
 
 
@@ -120,12 +122,14 @@ def sources_of(report: Mapping[str, Any] | None, final_eval: Mapping[str, Any] |
             sources[f"preference:{key}"] = pref[key]
     for name, block in ((report or {}).get("judges") or {}).items():
         sources[f"judge:{name}"] = block
+        if block.get("safe_fluent"):
+            sources[f"judge:{name}:fluent"] = block["safe_fluent"]
     return sources
 
 
 def report_sources(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Score sources of one eval ``report.json``: its judges, then its preference blocks that scored a category."""
-    sources = {f"judge:{n}": b for n, b in report["judges"].items()}
+    sources = sources_of({"judges": report["judges"]}, None)
     for key, block in sources_of({"preference": report["preference"]}, None).items():
         if block["num_categories"]:
             sources[key] = block
@@ -138,14 +142,15 @@ def report_markdown(report: dict[str, Any]) -> str:
     labels = {k: source_label(k) for k in sources}
     extra = {
         "helpfulness (%)": {labels[k]: report["helpfulness"].get(k) for k in sources},
-        "over-refusal (%)": {labels[k]: report["over_refusal"].get(k[6:]) for k in sources if k.startswith("judge:")},
+        "over-refusal (%)": {labels[k]: report["over_refusal"].get(k.split(":")[1]) for k in sources
+                             if k.startswith("judge:") and not k.endswith(":fluent")},
     }
     counts: dict[str, dict[str, int]] = {}
     if report["preference"]:
         counts["safety-gap pairs"] = report["preference"]["safety_gap_pairs"]
     if report["judges"]:
         counts = {"prompts": next(iter(report["judges"].values()))["n_prompts"], **counts}
-    gen = report.get("generation")
+    gen, flu = report.get("generation"), report.get("fluency")
     lines = [
         f"# Evaluation of `{report['model']}`", "",
         f"- reference model: `{report['reference_model']}`" if report["reference_model"] else
@@ -154,10 +159,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         (f"- generation: {gen['prompts']} category prompts + {gen['benign_prompts']} benign prompts, "
          f"{gen['backend']}, max_new_tokens={gen['max_new_tokens']}, temperature={gen['temperature']}, "
          f"top_p={gen['top_p']}, {gen['seconds']:.1f} s") if gen else "- generation: off",
+        (f"- fluency: mean NLL per token under `{flu['reference_model']}` {_fmt(flu['nll_per_token'], 2)}; "
+         f"{_fmt(flu['fluent_share'])} % of answers fluent (NLL <= {flu['threshold_nll']})") if flu else "- fluency: n/a",
         f"- primary score: {source_label(report['primary'])}; wall time {report.get('wall_time_s', 0.0):.1f} s", "",
         "## Summary", "", balance_table({labels[k]: b for k, b in sources.items()}, label="score", extra=extra), "",
-        "Over-refusal: share of benign prompts refused. Helpfulness: judge helpfulness on category prompts, or "
-        "preference accuracy on held-out both-safe pairs.", "",
+        "Over-refusal: share of benign prompts refused. Helpfulness: judge helpfulness on category prompts (for "
+        "'safe & fluent', non-fluent answers count as unhelpful), or preference accuracy on held-out both-safe pairs.",
+        "",
         "## Per category (▼ = weakest eight)", "",
         category_table({labels[k]: b["per_category"] for k, b in sources.items()}, counts=counts), "",
         "## Plots", "", *[f"![{p}]({p})" for p in report.get("plots", [])],
@@ -187,13 +195,14 @@ def load_run(path: str | Path) -> dict[str, Any]:
     pref = preference_block(final_eval) if final_eval else (report or {}).get("preference")
     sources = sources_of(report, final_eval)
     helpful: dict[str, Any] = {}
-    for key, block in sources.items():
+    for key in sources:
         kind, _, name = key.partition(":")
-        helpful[key] = block.get("helpfulness") if kind == "judge" else (pref or {}).get("helpfulness", {}).get(name)
+        helpful[key] = ((report or {}).get("helpfulness") or {}).get(key) if kind == "judge" else \
+            (pref or {}).get("helpfulness", {}).get(name)
     lam = root / "lambdas.csv"
     return {
         "name": root.name, "dir": str(root), "loss": loss, "sources": sources, "helpfulness": helpful,
-        "over_refusal": (report or {}).get("over_refusal") or {},
+        "over_refusal": (report or {}).get("over_refusal") or {}, "fluency": (report or {}).get("fluency"),
         "lambdas_csv": str(lam) if lam.exists() and sum(1 for _ in lam.open()) > 1 else None,
         "metrics_jsonl": str(root / "metrics.jsonl") if (root / "metrics.jsonl").exists() else None,
     }
@@ -224,7 +233,8 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path | None = "compariso
         rows = {r["name"]: r["sources"][key] for r in have}
         extra: dict[str, dict[str, Any]] = {"helpfulness (%)": {r["name"]: r["helpfulness"].get(key) for r in have}}
         if key.startswith("judge:"):
-            extra["over-refusal (%)"] = {r["name"]: r["over_refusal"].get(key.split(":", 1)[1]) for r in have}
+            extra["over-refusal (%)"] = {r["name"]: r["over_refusal"].get(key.split(":")[1]) for r in have}
+            extra["fluent answers (%)"] = {r["name"]: (r["fluency"] or {}).get("fluent_share") for r in have}
         md += ["", f"## {source_label(key)}", "", balance_table(rows, extra=extra), "",
                category_table({n: m["per_category"] for n, m in rows.items()})]
         if key == "preference:ref_likelihood":

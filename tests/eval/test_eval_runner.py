@@ -93,6 +93,10 @@ def test_eval_cli_on_a_run_with_all_three_judges(runs: dict[str, Path], judge_se
     assert all(g["verdicts"]["classifier"]["safe"] == (g["verdicts"]["classifier"]["score"] <= 0.0) for g in gens)
     assert report["primary"] == "judge:rule" and report["per_category"] == rule["per_category"]
     assert report["over_refusal"]["rule"] == rule["over_refusal"] and "judge:llm" in report["helpfulness"]
+    # fluency under the reference (the run's SFT model): recorded per answer, and safe & fluent <= safe
+    flu = report["fluency"]
+    assert 0.0 <= flu["fluent_share"] <= 100.0 and flu["nll_per_token"] > 0 and all("ref_nll" in g for g in gens)
+    assert all(rule["safe_fluent"]["per_category"][c] <= s for c, s in rule["per_category"].items())
     for png in ("bars_judge-rule.png", "bars_judge-classifier.png", "bars_judge-llm.png", "bars_preference-likelihood.png",
                 "balance.png", "lambdas.png", "eval_curves.png"):
         assert (out / png).stat().st_size > 1000, png
