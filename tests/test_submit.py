@@ -164,6 +164,9 @@ def _stop_head(temp_dir: str) -> None:
 def local_head() -> Iterator[dict[str, str]]:
     """``ray start --head`` on 127.0.0.1, free ports, 2 CPUs, a private temp dir, token auth on with
     a fresh token (in the environment only; ~/.ray/auth_token is left alone)."""
+    import ray
+
+    ray.shutdown()  # an in-process local cluster left by earlier tests must not share the machine with this head
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = os.urandom(16).hex()
     port, dash = _free_port(), _free_port()
