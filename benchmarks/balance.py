@@ -56,6 +56,13 @@ KEYS = ("macro", "worst3", "gap", "variance")
 BLOCKS = ("gen", "fluent", "pref", "implicit")
 
 
+def model_fingerprint(model_dir: str) -> str:
+    """First 12 hex digits of the SHA-256 of the model weights: the table says which tiny model it used."""
+    import hashlib
+
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
 def run_name(method: str, seed: int) -> str:
     """A file-system friendly run directory name, e.g. ``Cat-DPO_hard-s0``."""
     keep = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in method).strip("_")
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
     model = str(ensure_tiny_model())  # waits on the build lock if another process is building it
+    fingerprint = model_fingerprint(model)
     torch.set_num_threads(1)  # one core per process on a shared 2-core box; the trainer does the same
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in ([] if args.no_base else [BASE]) + args.methods}
     for seed in args.seeds:
@@ -249,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         if BASE in results and seed_eval and "error" not in results[BASE][seed]:
             results[BASE][seed] |= base_preference(seed_eval)
     wall = time.perf_counter() - t_start
+    if model_fingerprint(model) != fingerprint:  # e.g. the cache was rebuilt by another process mid-run
+        print(f"[bench] WARNING: the tiny model changed during the benchmark ({fingerprint} -> "
+              f"{model_fingerprint(model)}); the results mix two models", file=sys.stderr, flush=True)
+        fingerprint += " (CHANGED during the run: results mix two models)"
+    args.model_fingerprint = fingerprint
     cli = argv if argv is not None else sys.argv[1:]
     write_outputs(results, args, out, work, wall, "python benchmarks/balance.py" + "".join(f" {a!r}" if " " in a or "[" in a
                                                                                           else f" {a}" for a in cli))
@@ -312,7 +325,8 @@ def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.
     agg = aggregate(results)
     md = [f"## Per-category balance benchmark ({args.tag})", "",
           f"Command: `{command}`  ", f"Wall time: {wall / 60:.1f} min on this machine (2 CPU cores, shared); "
-          f"seeds {args.seeds}; {args.steps} steps x {args.batch} pairs per method; tiny model, bundled corpus.", "",
+          f"seeds {args.seeds}; {args.steps} steps x {args.batch} pairs per method; bundled corpus; tiny model "
+          f"`{getattr(args, 'model_fingerprint', 'n/a')}` (SHA-256 of its weights).", "",
           tables(agg), diagnostics(results, work, list(args.seeds))]
     (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     (out / f"{args.tag}.json").write_text(json.dumps({"command": command, "wall_time_s": wall, "args": vars(args),

@@ -60,8 +60,10 @@ def gather_state_dict(module: torch.nn.Module, *, zero3: bool, is_rank0: bool) -
         elif is_rank0:
             out[name] = param.detach().cpu().clone()
     if is_rank0:
+        persistent = set(module.state_dict().keys())  # non-persistent buffers (rotary tables) are not weights
         for name, buf in module.named_buffers():
-            out.setdefault(name, buf.detach().cpu().clone())
+            if name in persistent:
+                out.setdefault(name, buf.detach().cpu().clone())
     return out
 
 
