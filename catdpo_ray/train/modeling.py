@@ -60,9 +60,11 @@ def gather_state_dict(module: torch.nn.Module, *, zero3: bool, is_rank0: bool) -
         elif is_rank0:
             out[name] = param.detach().cpu().clone()
     if is_rank0:
-        persistent = set(module.state_dict().keys())  # non-persistent buffers (rotary tables) are not weights
+        # Non-persistent buffers (rotary tables) are not weights; read the sets, not state_dict()
+        # (rank 0 alone must not call anything that could gather under ZeRO-3).
+        transient = {f"{m}.{b}" if m else b for m, mod in module.named_modules() for b in mod._non_persistent_buffers_set}
         for name, buf in module.named_buffers():
-            if name in persistent:
+            if name not in transient:
                 out.setdefault(name, buf.detach().cpu().clone())
     return out
 
