@@ -48,9 +48,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from catdpo_ray.eval.runner import run_eval
+    from catdpo_ray.eval.runner import eval_config, run_eval
 
-    run_eval(_load(args), model=args.model, data=args.data, out=args.out)
+    # A run's final/ brings the run's config.yaml (prompt format, categories, reference model)
+    # unless --config is given; key=value overrides apply on top either way.
+    run_eval(eval_config(args.model, args.config, args.overrides), model=args.model, data=args.data, out=args.out)
     return 0
 
 

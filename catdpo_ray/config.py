@@ -253,6 +253,10 @@ class EvalConfig:
     classifier_model: str | None = None
     classifier_threshold: float = 0.0
     classifier_higher_is_unsafe: bool = True
+    #: Input text of the classifier and reward models; PKU beaver models' conversation format.
+    classifier_template: str = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
+    #: Helpfulness reward model (HF sequence-classification / score model, higher = more helpful).
+    reward_model: str | None = None
     #: LLM judge over an OpenAI-compatible endpoint; key read from this environment variable.
     llm_base_url: str | None = None
     llm_model: str = "gpt-4.1"
