@@ -251,9 +251,8 @@ def _rule(cfg: RunConfig) -> Judge:
 def _classifier(cfg: RunConfig) -> Judge:
     e = cfg.eval
     assert e.classifier_model is not None  # config validation guarantees it
-    template = getattr(e, "classifier_template", PKU_SCORE_TEMPLATE)
     return ClassifierJudge(e.classifier_model, threshold=e.classifier_threshold, higher_is_unsafe=e.classifier_higher_is_unsafe,
-                           template=template, batch_size=e.batch_size, trust_remote_code=cfg.model.trust_remote_code)
+                           template=e.classifier_template, batch_size=e.batch_size, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _llm(cfg: RunConfig) -> Judge:

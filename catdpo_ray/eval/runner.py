@@ -27,7 +27,8 @@ Steps (METHOD.md section 6):
      "fluency": {"reference_model", "threshold_nll", "nll_per_token", "fluent_share", "benign_fluent_share"},
      "preference": {"safety_gap_pairs": {cat: n}, "likelihood": <balance>, "implicit": <balance>,
                     "ref_likelihood": <balance>, "helpfulness": {"implicit", "likelihood", "ref_likelihood"}},
-     "helpfulness": {"judge:rule": %, "preference:implicit": %, "reward_model": mean score, ...},
+     "helpfulness": {"judge:rule": %, "preference:implicit": %, "reward_model": mean score on category prompts,
+                     "reward_model:benign": mean score on benign prompts, ...},
      "over_refusal": {"rule": %, "llm": %}, "benign_prompts": n,
      "generation": {"backend", "prompts", "benign_prompts", "seconds", ...}, "plots": [...], "wall_time_s"}
 
@@ -50,7 +51,7 @@ import torch
 from catdpo_ray.config import RunConfig, load_config
 from catdpo_ray.eval.compare import preference_block, report_markdown
 from catdpo_ray.eval.generation import PromptItem, category_prompts, generate_responses, load_benign
-from catdpo_ray.eval.judges import PKU_SCORE_TEMPLATE, SequenceScorer, Verdict, build_judges
+from catdpo_ray.eval.judges import SequenceScorer, Verdict, build_judges
 from catdpo_ray.eval.metrics import balance_metrics, weakest
 from catdpo_ray.eval.panels import report_plots
 from catdpo_ray.eval.preference import EvalAccumulator, eval_row
@@ -347,20 +348,26 @@ def _generate_and_judge(cfg: RunConfig, report: dict[str, Any], rows: Sequence[d
         helpfulness[f"judge:{name}:fluent"] = block["fluent_helpfulness"]
         if block["over_refusal"] is not None:
             report["over_refusal"][name] = block["over_refusal"]
-    reward_model = getattr(cfg.eval, "reward_model", None)  # proposed config key, optional
-    if reward_model:
-        template = getattr(cfg.eval, "classifier_template", PKU_SCORE_TEMPLATE)
-        scorer = SequenceScorer(reward_model, template=template, trust_remote_code=cfg.model.trust_remote_code)
-        scores = scorer.scores(prompts, responses)
-        cat_scores = [s for s, it in zip(scores, items) if not it.benign]
-        helpfulness["reward_model"] = sum(cat_scores) / len(cat_scores) if cat_scores else None
-    _write_generations(out_dir / "generations.jsonl", items, responses, verdicts, nll)
+    rewards: list[float] | None = None
+    if cfg.eval.reward_model:  # helpfulness by a reward model: mean score on category and on benign prompts
+        t1 = time.perf_counter()
+        scorer = SequenceScorer(cfg.eval.reward_model, template=cfg.eval.classifier_template, batch_size=cfg.eval.batch_size,
+                                trust_remote_code=cfg.model.trust_remote_code)
+        rewards = scorer.scores(prompts, responses)
+        timing["reward_model_s"] = time.perf_counter() - t1
+        for key, benign in (("reward_model", False), ("reward_model:benign", True)):
+            picked = [s for s, it in zip(rewards, items) if it.benign == benign]
+            helpfulness[key] = sum(picked) / len(picked) if picked else None
+    _write_generations(out_dir / "generations.jsonl", items, responses, verdicts, nll, rewards)
 
 
 def _write_generations(path: Path, items: Sequence[PromptItem], responses: Sequence[str],
-                       verdicts: dict[str, list[Verdict]], nll: Sequence[float]) -> None:
+                       verdicts: dict[str, list[Verdict]], nll: Sequence[float], rewards: Sequence[float] | None) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for i, (item, response) in enumerate(zip(items, responses)):
             judged = {name: dataclasses.asdict(v[i]) for name, v in verdicts.items()}
-            fh.write(json.dumps({"prompt": item.prompt, "categories": list(item.categories), "benign": item.benign,
-                                 "response": response, "ref_nll": nll[i], "verdicts": judged}) + "\n")
+            row = {"prompt": item.prompt, "categories": list(item.categories), "benign": item.benign,
+                   "response": response, "ref_nll": nll[i], "verdicts": judged}
+            if rewards is not None:
+                row["reward"] = rewards[i]
+            fh.write(json.dumps(row) + "\n")

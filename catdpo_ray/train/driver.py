@@ -215,7 +215,8 @@ def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
     steps_per_epoch, total = plan_steps(cfg, data.num_train_pairs)
     storage = Path(cfg.output.storage_path or (Path(cfg.output.dir) / "ray_storage")).resolve()
     plan = {"model_path": data.model_path, "tokenizer_path": data.tokenizer_path, "steps_per_epoch": steps_per_epoch,
-            "total_steps": total, "run_name": run_name}
+            "total_steps": total, "run_name": run_name,
+            "local_checkpoint_dir": str(storage / run_name / "local_checkpoints")}
     controller = make_controller(cfg)
     trainer = build_trainer(cfg, data, plan, controller, run_name, storage, callbacks)
     sinks = MetricSinks(cfg, run_dir, total)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -376,6 +377,12 @@ def _step_row(glob: torch.Tensor, k: int, dt: float, step: int, epoch: int, engi
     }
 
 
+def _prune_local_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` local-mode checkpoints (Ray's ``CheckpointConfig.num_to_keep`` semantics)."""
+    for old in sorted(root.glob("checkpoint_*"))[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _checkpoint(engine: Any, models: Models, cfg: RunConfig, plan: dict[str, Any], tokenizer: Any, controller: Any,
                 step: int, metrics: dict[str, Any], *, final: bool) -> None:
     """Every rank saves its shard (+ dual state, step); rank 0 adds the HF export at the end; all report."""
@@ -383,20 +390,37 @@ def _checkpoint(engine: Any, models: Models, cfg: RunConfig, plan: dict[str, Any
     import ray.train
 
     is_rank0 = D.rank() == 0
-    tmp = Path(tempfile.mkdtemp(prefix=f"catdpo-ckpt-{step}-"))
-    dual_state = ray.get(controller.state_dict.remote()) if is_rank0 else None
-    engine.save_checkpoint(str(tmp), tag=CKPT_TAG, client_state={"catdpo_step": step})
-    if is_rank0:
-        state = {"step": step, "dual": dual_state, "steps_per_epoch": plan["steps_per_epoch"], "run": plan["run_name"]}
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-    if final and cfg.output.save_final:
-        sd = gather_state_dict(engine.module, zero3=cfg.train.zero_stage == 3, is_rank0=is_rank0)
+    # Ray-managed workers: staged under the system temp dir ($TMPDIR) and removed once ray.train.report
+    # (SYNC upload) has copied it into the run's storage; otherwise a 13B run leaves one shard set per
+    # checkpoint behind. Local mode persists nothing itself (report keeps a reference to the directory),
+    # so there the checkpoint is written straight into the run's storage and the oldest are pruned.
+    local = cfg.scaling.num_workers == 0
+    if local:
+        tmp = Path(plan["local_checkpoint_dir"]) / f"checkpoint_{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f"catdpo-ckpt-{step}-"))
+    try:
+        dual_state = ray.get(controller.state_dict.remote()) if is_rank0 else None
+        engine.save_checkpoint(str(tmp), tag=CKPT_TAG, client_state={"catdpo_step": step})
         if is_rank0:
-            base_config = engine.module.config if not models.lora else engine.module.base_model.model.config
-            if models.lora:
-                sd = merge_lora_state_dict(sd, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
-            save_hf_model(sd, base_config, tmp / "hf_model", tokenizer)
-    D.barrier()
-    ray.train.report({**metrics, "checkpoint_step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            state = {"step": step, "dual": dual_state, "steps_per_epoch": plan["steps_per_epoch"], "run": plan["run_name"]}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+        if final and cfg.output.save_final:
+            sd = gather_state_dict(engine.module, zero3=cfg.train.zero_stage == 3, is_rank0=is_rank0)
+            if is_rank0:
+                base_config = engine.module.config if not models.lora else engine.module.base_model.model.config
+                if models.lora:
+                    sd = merge_lora_state_dict(sd, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
+                save_hf_model(sd, base_config, tmp / "hf_model", tokenizer)
+        D.barrier()
+        ray.train.report({**metrics, "checkpoint_step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC)
+    finally:
+        if not local:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if local:
+        _prune_local_checkpoints(tmp.parent, cfg.output.num_checkpoints_to_keep)
     if is_rank0:
         ray.get(controller.record.remote({"kind": "checkpoint", "step": step, "final": final}))

@@ -72,7 +72,7 @@ def test_eval_cli_on_a_run_with_all_three_judges(runs: dict[str, Path], judge_se
     cost = build_cost_model(tmp_path / "cost")
     out = tmp_path / "report"
     rc = main(["eval", "--model", str(run_dir / "final"), "--config", str(run_dir / "config.yaml"), "--out", str(out),
-               "eval.judges=[rule,classifier,llm]", f"eval.classifier_model={cost}", f"eval.llm_base_url={judge_server.url}",
+               "eval.judges=[rule,classifier,llm]", f"eval.classifier_model={cost}", f"eval.reward_model={cost}", f"eval.llm_base_url={judge_server.url}",
                "eval.llm_api_key_env=CATDPO_E2E_JUDGE_KEY", "eval.llm_model=test-judge", "eval.max_prompts_per_category=3",
                "eval.max_new_tokens=24", "eval.temperature=1.0"])
     assert rc == 0
@@ -91,6 +91,11 @@ def test_eval_cli_on_a_run_with_all_three_judges(runs: dict[str, Path], judge_se
         assert score == pytest.approx(100.0 * sum(g["verdicts"]["rule"]["safe"] for g in rows) / len(rows))
     # the classifier's verdicts follow its scores (cost > 0 unsafe)
     assert all(g["verdicts"]["classifier"]["safe"] == (g["verdicts"]["classifier"]["score"] <= 0.0) for g in gens)
+    # the reward model (here the same score model, same template) scores every answer; helpfulness is its mean
+    assert all(g["reward"] == pytest.approx(g["verdicts"]["classifier"]["score"], abs=1e-5) for g in gens)
+    for key, benign in (("reward_model", False), ("reward_model:benign", True)):
+        picked = [g["reward"] for g in gens if g["benign"] == benign]
+        assert picked and report["helpfulness"][key] == pytest.approx(sum(picked) / len(picked)), key
     assert report["primary"] == "judge:rule" and report["per_category"] == rule["per_category"]
     assert report["over_refusal"]["rule"] == rule["over_refusal"] and "judge:llm" in report["helpfulness"]
     # fluency under the reference (the run's SFT model): recorded per answer, and safe & fluent <= safe

@@ -10,6 +10,7 @@ the saved lambda and optimizer state, and finishes.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,7 @@ def test_zero3_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Path) ->
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.test={test}", f"output.dir={tmp_path}",
               "output.name=z3", "scaling.num_workers=2", "train.zero_stage=3", "train.micro_batch_size=8",
               "train.max_steps=14", "train.checkpoint_every=4", "logging.tensorboard=false"]
+    staged_before = set(Path(tempfile.gettempdir()).glob("catdpo-ckpt-*"))
     first = run_training(load_config(None, [*common, "train.stop_after_step=4"]))
     assert first.error is not None and "stop_after_step" in str(first.summary.get("error"))
     run = first.run_dir
@@ -121,3 +123,7 @@ def test_zero3_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Path) ->
     after = _likelihood_accuracy(str(run / "final"), test, tiny_model_dir)
     before = _likelihood_accuracy(tiny_model_dir, test, tiny_model_dir)
     assert after > before, (before, after)
+    # staged checkpoint copies are removed once Ray has persisted them (4 checkpoints + final here)
+    assert set(Path(tempfile.gettempdir()).glob("catdpo-ckpt-*")) == staged_before
+    assert len(list((tmp_path / "ray_storage" / "z3").glob("checkpoint_*"))) == 2  # output.num_checkpoints_to_keep
+

@@ -49,7 +49,8 @@ def test_frozen_catdpo_trains_exactly_like_safedpo(tiny_model_dir: str, tmp_path
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "bdpo"])
 def test_every_loss_trains_and_exports(tiny_model_dir: str, tmp_path: Path, loss: str) -> None:
     train, test = small_corpus(tmp_path, 64, 24)
-    cfg = _cfg(tiny_model_dir, train, test, tmp_path, f"loss.name={loss}", "train.max_steps=3")
+    cfg = _cfg(tiny_model_dir, train, test, tmp_path, f"loss.name={loss}", "train.max_steps=3",
+               "train.checkpoint_every=1", "output.num_checkpoints_to_keep=2")
     init_ray(cfg)
     result = _fit(cfg, prepare_data(cfg, tmp_path / "prep", verbose=False), tmp_path, loss)
     assert result.error is None, result.summary.get("error")
@@ -57,6 +58,10 @@ def test_every_loss_trains_and_exports(tiny_model_dir: str, tmp_path: Path, loss
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] for r in steps)  # no NaN
     assert (result.run_dir / "final" / "model.safetensors").exists()
+    # local mode: checkpoints live in the run's storage (Ray persists nothing here), newest two kept
+    local = tmp_path / "ray_storage" / loss / "local_checkpoints"
+    assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+    assert (local / "checkpoint_000003" / "hf_model" / "model.safetensors").exists()
 
 
 def test_lora_run_exports_merged_model(tiny_model_dir: str, tmp_path: Path) -> None:
