@@ -14,8 +14,8 @@ session (Ray Train local mode: in-process, real DeepSpeed), and is evaluated twi
   held-out prompt of every category, judged by the rule judge (safe ratio), plus the benign set
   for over-refusal.
 
-The seed sets the training-data order (the bundled train file is shuffled with ``Random(seed)``),
-torch's seed and the sampling seed. Results (mean +- sample std over seeds) go to
+The seed (``train.seed``) sets the training-data order (the trainer's ``train.shuffle``: the pairs
+in ``Random(seed)`` order, then a seeded per-epoch buffer shuffle), torch's seed and the sampling seed. Results (mean +- sample std over seeds) go to
 ``benchmarks/results/``: ``balance.md``, ``balance.json`` and PNG panels.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import sys
@@ -67,17 +66,6 @@ def run_name(method: str, seed: int) -> str:
     """A file-system friendly run directory name, e.g. ``Cat-DPO_hard-s0``."""
     keep = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in method).strip("_")
     return f"{keep}-s{seed}"
-
-
-def shuffled_train(seed: int, work: Path) -> str:
-    """The bundled train split with its rows in ``Random(seed)`` order (the seed's data order)."""
-    from catdpo_ray.data.sources import bundled_path
-
-    lines = [ln for ln in bundled_path("train").read_text().splitlines() if ln.strip()]
-    random.Random(seed).shuffle(lines)
-    path = work / f"train-seed{seed}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def _block(metrics: dict[str, Any], helpful: float | None) -> dict[str, Any]:
@@ -221,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one core per process on a shared 2-core box; the trainer does the same
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in ([] if args.no_base else [BASE]) + args.methods}
     for seed in args.seeds:
-        train = shuffled_train(seed, work)
+        train = "bundled"  # the trainer shuffles it: train.seed sets the order (train.shuffle)
         prepared: dict[str, Any] = {}
         seed_eval: dict[str, Any] | None = None
         for method in results:

@@ -169,6 +169,11 @@ class TrainConfig:
     """Optimisation. DeepSpeed's dict is derived from these in train/ds_config.py only."""
 
     seed: int = 0
+    #: Shuffle the training pairs: once on the driver (``Random(seed)``, before tokenization), then each
+    #: epoch inside every worker's local buffer (seeded by seed, epoch, rank). Off = file order.
+    shuffle: bool = True
+    #: Pairs per worker in the per-epoch local shuffle buffer.
+    shuffle_buffer: int = 1024
     epochs: int = 1
     #: Stop after this many optimizer steps (``null`` = full epochs).
     max_steps: int | None = None
@@ -494,6 +499,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("dual.update_every: must be >= 1")
     if cfg.loss.beta <= 0:
         raise ConfigError("loss.beta: must be > 0")
+    if cfg.train.shuffle and cfg.train.shuffle_buffer < 1:
+        raise ConfigError("train.shuffle_buffer: must be >= 1 with train.shuffle=true")
     if not 0.0 <= cfg.loss.label_smoothing < 0.5:
         raise ConfigError("loss.label_smoothing: must be in [0, 0.5)")
     if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:

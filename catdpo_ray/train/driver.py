@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import threading
@@ -99,6 +100,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True) -> Prep
         print(f"[data] train {train_rep.describe()}")
         print(f"[data] test  {test_rep.describe()}")
         print("[data] train pairs per category:\n" + format_category_table(train_pairs, cfg.data.categories))
+    if cfg.train.shuffle:  # the first epoch's order; later epochs reshuffle in the workers (worker.py)
+        random.Random(cfg.train.seed).shuffle(train_pairs)
     world = cfg.data_parallel_size
     if len(test_pairs) < world:
         raise ValueError(f"the test split has {len(test_pairs)} pairs, fewer than the {world} workers")

@@ -235,6 +235,8 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     # ---- resume ----
     step = 0
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg.scaling.num_workers == 0:  # local mode: Ray restores nothing; our own copies
+        ckpt = _latest_local_checkpoint(Path(plan["local_checkpoint_dir"]))
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=CKPT_TAG)
@@ -278,7 +280,13 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     last_saved = step if ckpt is not None else -1
     while step < total_steps:
         shard = ray.train.get_dataset_shard("train")
-        it = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, collate_fn=collate))
+        # Every epoch reshuffles within a local buffer (on top of the driver's shuffle of the whole split),
+        # seeded by (seed, epoch, rank) so that a resumed run replays the same order and skips the same pairs.
+        reshuffle = cfg.train.shuffle
+        it = iter(shard.iter_torch_batches(
+            batch_size=cfg.train.micro_batch_size, drop_last=True, collate_fn=collate,
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer if reshuffle else None,
+            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 1_009 + rank if reshuffle else None))
         _take(it, (step - epoch * steps_per_epoch) * cfg.train.grad_accum)  # data position on resume
         epoch_start = step
         while step < min(total_steps, (epoch + 1) * steps_per_epoch):
@@ -375,6 +383,14 @@ def _step_row(glob: torch.Tensor, k: int, dt: float, step: int, epoch: int, engi
         # Per-rank digests of the lambda each rank used (all-gathered): equal digests = bit-identical.
         "lambda_digests": [_digest(g) for g in gathered],
     }
+
+
+def _latest_local_checkpoint(root: Path) -> Any:
+    """The newest complete local-mode checkpoint (its state file is written after the engine's save)."""
+    import ray.train
+
+    done = sorted(d for d in root.glob("checkpoint_*") if (d / STATE_FILE).exists()) if root.is_dir() else []
+    return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
 
 
 def _prune_local_checkpoints(root: Path, keep: int) -> None:
