@@ -304,8 +304,10 @@ def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path |
     report["wall_time_s"] = time.perf_counter() - t0
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "report.md").write_text(report_markdown(report))
-    print(f"[eval] {primary}: Macro {block['macro']}, Worst-3 {block['worst3']}, Gap {block['gap']}, "
-          f"Variance {block['variance']}; report in {out_dir.resolve()}", flush=True)
+    shown = {k: ("n/a" if block[k] is None else f"{block[k]:.1f}" if k != "variance" else f"{block[k]:.2f}")
+             for k in ("macro", "worst3", "gap", "variance")}
+    print(f"[eval] {primary}: Macro {shown['macro']}, Worst-3 {shown['worst3']}, Gap {shown['gap']} pp, "
+          f"Variance x1e3 {shown['variance']}; report in {out_dir.resolve()}", flush=True)
     return report
 
 

@@ -175,7 +175,7 @@ def make_controller(cfg: RunConfig) -> Any:
 
 
 def build_trainer(cfg: RunConfig, data: PreparedData, plan: dict[str, Any], controller: Any, run_name: str,
-                  storage: Path, callbacks: list[Any] | None = None) -> Any:
+                  storage: str, callbacks: list[Any] | None = None) -> Any:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -194,13 +194,22 @@ def build_trainer(cfg: RunConfig, data: PreparedData, plan: dict[str, Any], cont
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.output.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.output.num_checkpoints_to_keep),
             callbacks=callbacks or [],
         ),
         datasets={"train": data.train, "test": data.test},
     )
+
+
+def storage_location(cfg: RunConfig) -> str:
+    """Ray Train's ``storage_path``: a URI (``s3://``, ``gs://``, ``file://`` ...) is passed through as
+    it is (Ray writes there via pyarrow); a plain path is made absolute (default ``<output.dir>/ray_storage``)."""
+    path = cfg.output.storage_path
+    if path and "://" in path:
+        return path.rstrip("/")
+    return str(Path(path or Path(cfg.output.dir) / "ray_storage").resolve())
 
 
 @dataclass
@@ -216,10 +225,10 @@ def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
     from catdpo_ray.train.sinks import MetricSinks
 
     steps_per_epoch, total = plan_steps(cfg, data.num_train_pairs)
-    storage = Path(cfg.output.storage_path or (Path(cfg.output.dir) / "ray_storage")).resolve()
+    storage = storage_location(cfg)
+    local_root = run_dir if "://" in storage else Path(storage) / run_name
     plan = {"model_path": data.model_path, "tokenizer_path": data.tokenizer_path, "steps_per_epoch": steps_per_epoch,
-            "total_steps": total, "run_name": run_name,
-            "local_checkpoint_dir": str(storage / run_name / "local_checkpoints")}
+            "total_steps": total, "run_name": run_name, "local_checkpoint_dir": str(local_root / "local_checkpoints")}
     controller = make_controller(cfg)
     trainer = build_trainer(cfg, data, plan, controller, run_name, storage, callbacks)
     sinks = MetricSinks(cfg, run_dir, total)

@@ -68,7 +68,7 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     import ray
     from ray import tune
 
-    from catdpo_ray.train.driver import init_ray, plan_steps, prepare_data
+    from catdpo_ray.train.driver import init_ray, plan_steps, prepare_data, storage_location
 
     t0 = time.perf_counter()
     axes = search_axes(cfg)
@@ -79,7 +79,7 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
                           "(or leave tune.name unset for a unique one)")
     trials_dir = sweep_dir / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
-    storage = f"{cfg.output.storage_path.rstrip('/')}/{sweep_dir.name}" if cfg.output.storage_path else str(sweep_dir / "ray")
+    storage = f"{storage_location(cfg)}/{sweep_dir.name}" if cfg.output.storage_path else str(sweep_dir / "ray")
 
     init_ray(cfg)
     data = prepare_data(cfg, sweep_dir)

@@ -54,7 +54,7 @@ def test_zero2_two_workers_odd_dataset(tiny_model_dir: str, tmp_path: Path) -> N
     train, test = small_corpus(tmp_path, 310, 100)
     cfg = load_config(None, [
         f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.test={test}", f"output.dir={tmp_path}",
-        "output.name=z2", "scaling.num_workers=2", "train.zero_stage=2", "train.micro_batch_size=8", "train.epochs=2",
+        "output.name=z2", f"output.storage_path=file://{tmp_path}/store", "scaling.num_workers=2", "train.zero_stage=2", "train.micro_batch_size=8", "train.epochs=2",
         "train.eval_every=10", "logging.tensorboard=true",
     ])
     result = run_training(cfg)
@@ -80,6 +80,9 @@ def test_zero2_two_workers_odd_dataset(tiny_model_dir: str, tmp_path: Path) -> N
     for name in ("config.yaml", "summary.json", "lambdas.png", "before_after.md", "data_report.json"):
         assert (run / name).exists(), name
     assert any((run / "tensorboard").iterdir())
+    # a storage URI goes to Ray as it is (file:// here; s3:// and gs:// take the same path): checkpoints land there
+    assert [p for p in (tmp_path / "store" / "z2").glob("checkpoint_*") if p.is_dir()]
+    assert not (tmp_path / "ray_storage").exists() and not list(tmp_path.glob("file:*"))
     # final/ loads with from_pretrained and beats the reference on held-out preference accuracy
     after = _likelihood_accuracy(str(run / "final"), test, tiny_model_dir)
     before = _likelihood_accuracy(tiny_model_dir, test, tiny_model_dir)

@@ -131,3 +131,12 @@ def test_local_mode_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Pat
     assert [r["step"] for r in read_rows(second.run_dir, "step")] == [1, 2, 3, 4, 5]
     local = tmp_path / "ray_storage" / "loc" / "local_checkpoints"
     assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000004", "checkpoint_000005"]
+
+
+def test_storage_location_passes_uris_through_and_resolves_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from catdpo_ray.train.driver import storage_location
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_location(load_config(None, ["output.storage_path=s3://bucket/runs/"])) == "s3://bucket/runs"
+    assert storage_location(load_config(None, ["output.storage_path=rel/store"])) == str(tmp_path / "rel" / "store")
+    assert storage_location(load_config(None, ["output.dir=out"])) == str(tmp_path / "out" / "ray_storage")
