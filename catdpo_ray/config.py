@@ -499,6 +499,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("dual.update_every: must be >= 1")
     if cfg.loss.beta <= 0:
         raise ConfigError("loss.beta: must be > 0")
+    if cfg.train.seed < 0:
+        raise ConfigError(f"train.seed: must be >= 0 (numpy and Ray Data shuffles take non-negative seeds), got {cfg.train.seed}")
     if cfg.train.shuffle and cfg.train.shuffle_buffer < 1:
         raise ConfigError("train.shuffle_buffer: must be >= 1 with train.shuffle=true")
     if not 0.0 <= cfg.loss.label_smoothing < 0.5:

@@ -88,3 +88,8 @@ def test_reference_lists_every_key() -> None:
     ref = config_reference()
     for key in ("`dual.eta`", "`loss.name`", "`model.lora.r`", "`scaling.num_workers`", "`tune.objective`"):
         assert key in ref
+
+
+def test_negative_seed_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="train.seed"):
+        load_config(None, ["train.seed=-1"])

@@ -100,12 +100,19 @@ def test_random_and_optuna_turn_float_lists_into_ranges_and_other_lists_into_cho
         ("{data.max_length: [96, 128]}", "tokenized data"),  # would need a re-tokenization
         ("{model.name_or_path: [gpt2]}", "tokenized data"),
         ("{dual.eta: [1.0]}", "tune.eta"),  # eta and epsilon have their own lists
+        ("{train.seed: [0, 1]}", "train.seed"),  # with train.shuffle it orders the pairs before tokenization
+        ("{train.shuffle: [true, false]}", "tokenized data"),
     ],
 )
 def test_axes_that_cannot_be_swept_fail_at_load_with_the_key(extra: str, message: str) -> None:
     cfg = load_config(None, [f"tune.extra={extra}"])
     with pytest.raises(ConfigError, match=message):
         check_axes(cfg, search_axes(cfg))
+
+
+def test_seed_is_sweepable_without_shuffle() -> None:
+    cfg = load_config(None, ["train.shuffle=false", "tune.extra={train.seed: [0, 1]}"])
+    check_axes(cfg, search_axes(cfg))  # file order: the seed no longer changes the tokenized data
 
 
 def test_trial_names_are_readable_and_unique() -> None:

@@ -353,14 +353,30 @@ def _generate_and_judge(cfg: RunConfig, report: dict[str, Any], rows: Sequence[d
     rewards: list[float] | None = None
     if cfg.eval.reward_model:  # helpfulness by a reward model: mean score on category and on benign prompts
         t1 = time.perf_counter()
-        scorer = SequenceScorer(cfg.eval.reward_model, template=cfg.eval.classifier_template, batch_size=cfg.eval.batch_size,
-                                trust_remote_code=cfg.model.trust_remote_code)
-        rewards = scorer.scores(prompts, responses)
+        rewards = reward_scores(cfg, prompts, responses)
         timing["reward_model_s"] = time.perf_counter() - t1
         for key, benign in (("reward_model", False), ("reward_model:benign", True)):
             picked = [s for s, it in zip(rewards, items) if it.benign == benign]
             helpfulness[key] = sum(picked) / len(picked) if picked else None
     _write_generations(out_dir / "generations.jsonl", items, responses, verdicts, nll, rewards)
+
+
+def reward_scores(cfg: RunConfig, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """``eval.reward_model``'s score of every (prompt, response), in ``eval.classifier_template`` format.
+
+    A reward model outputs one score (``num_labels == 1``, higher = more helpful); a multi-label
+    classifier is refused, since its unsafe-label log-odds is no helpfulness score."""
+    assert cfg.eval.reward_model is not None
+    scorer = SequenceScorer(cfg.eval.reward_model, template=cfg.eval.classifier_template, batch_size=cfg.eval.batch_size,
+                            trust_remote_code=cfg.model.trust_remote_code)
+    labels = scorer.model.config.num_labels
+    if labels != 1:
+        raise ValueError(f"eval.reward_model={cfg.eval.reward_model!r} has {labels} labels; a reward model must "
+                         "output one score (num_labels=1, higher = more helpful)")
+    try:
+        return scorer.scores(prompts, responses)
+    finally:
+        del scorer  # its memory is free before the next model loads
 
 
 def _write_generations(path: Path, items: Sequence[PromptItem], responses: Sequence[str],

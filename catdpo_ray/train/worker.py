@@ -239,8 +239,13 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
         ckpt = _latest_local_checkpoint(Path(plan["local_checkpoint_dir"]))
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=CKPT_TAG)
             state = json.loads((Path(d) / STATE_FILE).read_text())
+            if state["steps_per_epoch"] != steps_per_epoch:  # same on every rank: all raise together
+                raise ValueError(
+                    f"run {plan['run_name']!r} already has a checkpoint (step {state['step']}) from a run with "
+                    f"{state['steps_per_epoch']} steps per epoch; this config gives {steps_per_epoch}, so the data "
+                    "position cannot be restored. Same name = resume the same run: choose another output.name")
+            engine.load_checkpoint(d, tag=CKPT_TAG)
         step = int(state["step"])
         if is_rank0:
             restored = {"engine_global_steps": int(engine.global_steps), "optimizer_steps": _optimizer_steps(engine),
@@ -389,13 +394,14 @@ def _latest_local_checkpoint(root: Path) -> Any:
     """The newest complete local-mode checkpoint (its state file is written after the engine's save)."""
     import ray.train
 
-    done = sorted(d for d in root.glob("checkpoint_*") if (d / STATE_FILE).exists()) if root.is_dir() else []
+    done = sorted(d for d in root.glob("checkpoint_*")
+                  if d.name[len("checkpoint_"):].isdigit() and (d / STATE_FILE).exists()) if root.is_dir() else []
     return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
 
 
 def _prune_local_checkpoints(root: Path, keep: int) -> None:
     """Keep the newest ``keep`` local-mode checkpoints (Ray's ``CheckpointConfig.num_to_keep`` semantics)."""
-    for old in sorted(root.glob("checkpoint_*"))[: -max(1, keep)]:
+    for old in sorted(d for d in root.glob("checkpoint_*") if d.name[len("checkpoint_"):].isdigit())[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -411,8 +417,9 @@ def _checkpoint(engine: Any, models: Models, cfg: RunConfig, plan: dict[str, Any
     # checkpoint behind. Local mode persists nothing itself (report keeps a reference to the directory),
     # so there the checkpoint is written straight into the run's storage and the oldest are pruned.
     local = cfg.scaling.num_workers == 0
-    if local:
-        tmp = Path(plan["local_checkpoint_dir"]) / f"checkpoint_{step:06d}"
+    if local:  # written beside, then renamed into place: a crash mid-save never destroys a complete one
+        target = Path(plan["local_checkpoint_dir"]) / f"checkpoint_{step:06d}"
+        tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     else:
@@ -431,6 +438,13 @@ def _checkpoint(engine: Any, models: Models, cfg: RunConfig, plan: dict[str, Any
                     sd = merge_lora_state_dict(sd, scaling=cfg.model.lora.alpha / cfg.model.lora.r)
                 save_hf_model(sd, base_config, tmp / "hf_model", tokenizer)
         D.barrier()
+        if local:
+            old = target.with_name(target.name + ".old")
+            if target.exists():
+                target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+            tmp = target
         ray.train.report({**metrics, "checkpoint_step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC)
     finally:

@@ -50,8 +50,10 @@ def search_axes(cfg: RunConfig) -> dict[str, list[Any]]:
 def _data_key(cfg: RunConfig) -> tuple[Any, ...]:
     """Everything :func:`prepare_data` reads: trials must agree on it to share one tokenization."""
     m = cfg.model
+    # train.shuffle orders the pairs on the driver with Random(train.seed) before tokenization
+    shuffle = (True, cfg.train.seed) if cfg.train.shuffle else (False,)
     return (cfg.data, m.name_or_path, m.revision, m.tokenizer, m.trust_remote_code, cfg.pair_mode,
-            cfg.loss.name == "catdpo")
+            cfg.loss.name == "catdpo", shuffle)
 
 
 def check_axes(cfg: RunConfig, axes: Mapping[str, list[Any]]) -> None:
@@ -63,7 +65,8 @@ def check_axes(cfg: RunConfig, axes: Mapping[str, list[Any]]) -> None:
             if _data_key(trial) != base_key:
                 raise ConfigError(
                     f"sweep axis {key}={value!r} changes the tokenized data; a sweep tokenizes once and shares the "
-                    "data between trials, so data.*, the model/tokenizer and the pair construction cannot be swept"
+                    "data between trials, so data.*, the model/tokenizer, the pair construction and (with train.shuffle) "
+                    "train.seed, which orders the pairs before tokenization, cannot be swept"
                 )
 
 

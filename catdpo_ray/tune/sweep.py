@@ -43,7 +43,9 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], data: Any, trials_di
 
     from catdpo_ray.train.driver import fit_run
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()  # a trial actor does not inherit the sweep driver's context
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # same seed, same batches (as in catdpo-ray train)
     name = ray.tune.get_context().get_trial_name()
     overrides = {k: _plain(v) for k, v in params.items()}
     cfg = from_dict(base).replace({**overrides, "output.dir": trials_dir, "output.name": name,

@@ -159,3 +159,14 @@ def test_panels_draw_missing_categories_error_bars_and_lambdas(tmp_path: Path) -
     lam = tmp_path / "lambdas.csv"
     lam.write_text("step,a,b\n1,0.5,0.0\n2,1.0,0.2\n")
     assert plot_lambda_grid({"run": lam}, tmp_path / "lam.png").stat().st_size > 1000
+
+
+def test_reward_model_must_output_one_score(tmp_path: Path) -> None:
+    from catdpo_ray.eval.runner import reward_scores
+
+    one = build_cost_model(tmp_path / "one")
+    two = build_cost_model(tmp_path / "two", num_labels=2, id2label={0: "safe", 1: "unsafe"})
+    cfg = load_config(None, [f"eval.reward_model={one}"])
+    assert reward_scores(cfg, ["p", "p"], ["this answer is fine", "this answer has a cost"]) == pytest.approx([-2.0, 3.0], abs=1e-4)
+    with pytest.raises(ValueError, match="2 labels"):
+        reward_scores(cfg.replace({"eval.reward_model": two}), ["p"], ["r"])

@@ -131,6 +131,14 @@ def test_local_mode_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Pat
     assert [r["step"] for r in read_rows(second.run_dir, "step")] == [1, 2, 3, 4, 5]
     local = tmp_path / "ray_storage" / "loc" / "local_checkpoints"
     assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000004", "checkpoint_000005"]
+    # the finished run again: it resumes at its last step and rewrites that checkpoint in place, safely
+    third = run_training(load_config(None, [*common, "output.num_checkpoints_to_keep=1"]))
+    assert third.error is None, third.summary.get("error")
+    assert read_rows(third.run_dir, "resume")[-1]["step"] == 5
+    assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000005"]
+    # same name, a config with another data layout: refused, not resumed at a wrong data position
+    fourth = run_training(load_config(None, [*common, "train.micro_batch_size=2"]))
+    assert fourth.error is not None and "steps per epoch" in str(fourth.summary.get("error"))
 
 
 def test_storage_location_passes_uris_through_and_resolves_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
