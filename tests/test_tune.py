@@ -13,25 +13,26 @@ from typing import Any
 import pytest
 
 from catdpo_ray.config import ConfigError, load_config
-from catdpo_ray.tune import (
-    DEFAULT_SWEEP_OVERRIDES,
+from catdpo_ray.tune.callbacks import (
     FEASIBLE_KEY,
     PLACEMENT_GROUP_LOG,
     SCORE_KEY,
+    guarded_score,
+    release_placement_groups,
+    trial_name,
+)
+from catdpo_ray.tune.results import pick_best, write_sweep_outputs
+from catdpo_ray.tune.space import (
+    DEFAULT_SWEEP_OVERRIDES,
     check_axes,
     evals_per_trial,
-    guarded_score,
     load_sweep_config,
     make_scheduler,
     num_trials,
     param_space,
-    pick_best,
-    release_placement_groups,
     search_axes,
     trial_concurrency,
     trial_driver_resources,
-    trial_name,
-    write_sweep_outputs,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -287,11 +287,10 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
         shard = ray.train.get_dataset_shard("train")
         # Every epoch reshuffles within a local buffer (on top of the driver's shuffle of the whole split),
         # seeded by (seed, epoch, rank) so that a resumed run replays the same order and skips the same pairs.
-        reshuffle = cfg.train.shuffle
-        it = iter(shard.iter_torch_batches(
-            batch_size=cfg.train.micro_batch_size, drop_last=True, collate_fn=collate,
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer if reshuffle else None,
-            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 1_009 + rank if reshuffle else None))
+        shuffle = ({"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
+                    "local_shuffle_seed": cfg.train.seed * 100_003 + epoch * 1_009 + rank} if cfg.train.shuffle else {})
+        it = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, collate_fn=collate,
+                                           **shuffle))
         _take(it, (step - epoch * steps_per_epoch) * cfg.train.grad_accum)  # data position on resume
         epoch_start = step
         while step < min(total_steps, (epoch + 1) * steps_per_epoch):
@@ -390,18 +389,22 @@ def _step_row(glob: torch.Tensor, k: int, dt: float, step: int, epoch: int, engi
     }
 
 
+def _local_checkpoints(root: Path) -> list[Path]:
+    """Local-mode ``checkpoint_<step>`` directories, oldest first (``.partial`` / ``.old`` ones excluded)."""
+    return sorted(d for d in root.glob("checkpoint_*") if d.name.removeprefix("checkpoint_").isdigit())
+
+
 def _latest_local_checkpoint(root: Path) -> Any:
     """The newest complete local-mode checkpoint (its state file is written after the engine's save)."""
     import ray.train
 
-    done = sorted(d for d in root.glob("checkpoint_*")
-                  if d.name[len("checkpoint_"):].isdigit() and (d / STATE_FILE).exists()) if root.is_dir() else []
+    done = [d for d in _local_checkpoints(root) if (d / STATE_FILE).exists()]
     return ray.train.Checkpoint.from_directory(str(done[-1])) if done else None
 
 
 def _prune_local_checkpoints(root: Path, keep: int) -> None:
     """Keep the newest ``keep`` local-mode checkpoints (Ray's ``CheckpointConfig.num_to_keep`` semantics)."""
-    for old in sorted(d for d in root.glob("checkpoint_*") if d.name[len("checkpoint_"):].isdigit())[: -max(1, keep)]:
+    for old in _local_checkpoints(root)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -30,48 +30,8 @@ Modules: :mod:`~catdpo_ray.tune.space` (axes, search space, ASHA, concurrency),
 
 from __future__ import annotations
 
-from catdpo_ray.tune.callbacks import (
-    FEASIBLE_KEY,
-    PLACEMENT_GROUP_LOG,
-    SCORE_KEY,
-    GuardedTuneReport,
-    PlacementGroupLog,
-    ReleaseEndedTrials,
-    guarded_score,
-    release_placement_groups,
-    trial_name,
-)
-from catdpo_ray.tune.results import (
-    SweepResult,
-    collect_rows,
-    markdown_table,
-    pick_best,
-    plot_heatmap,
-    rank_key,
-    write_sweep_outputs,
-)
-from catdpo_ray.tune.space import (
-    DEFAULT_EVALS_PER_TRIAL,
-    DEFAULT_SWEEP_OVERRIDES,
-    TRIAL_DRIVER_MEMORY,
-    check_axes,
-    evals_per_trial,
-    load_sweep_config,
-    make_scheduler,
-    make_searcher,
-    num_trials,
-    param_space,
-    search_axes,
-    trial_concurrency,
-    trial_driver_resources,
-)
+from catdpo_ray.tune.results import SweepResult
+from catdpo_ray.tune.space import DEFAULT_SWEEP_OVERRIDES, load_sweep_config
 from catdpo_ray.tune.sweep import run_sweep
 
-__all__ = [
-    "DEFAULT_EVALS_PER_TRIAL", "DEFAULT_SWEEP_OVERRIDES", "FEASIBLE_KEY", "PLACEMENT_GROUP_LOG", "SCORE_KEY",
-    "TRIAL_DRIVER_MEMORY", "GuardedTuneReport", "PlacementGroupLog", "ReleaseEndedTrials", "SweepResult",
-    "check_axes", "collect_rows", "evals_per_trial", "guarded_score", "load_sweep_config", "make_scheduler",
-    "make_searcher", "markdown_table", "num_trials", "param_space", "pick_best", "plot_heatmap", "rank_key",
-    "release_placement_groups", "run_sweep", "search_axes", "trial_concurrency", "trial_driver_resources",
-    "trial_name", "write_sweep_outputs",
-]
+__all__ = ["DEFAULT_SWEEP_OVERRIDES", "SweepResult", "load_sweep_config", "run_sweep"]
