@@ -17,6 +17,8 @@ and :meth:`RunConfig.global_batch_size`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -83,8 +85,9 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The policy and its reference: a frozen DeepSpeed engine of the same weights, or with
-    LoRA the same engine with the adapter disabled."""
+    """The policy and its reference: precomputed reference log-probs (a cached Ray Data stage,
+    ``catdpo_ray.data.reference``), or online a frozen DeepSpeed engine of the same weights, or
+    with LoRA the same engine with the adapter disabled."""
 
     #: HF hub id or local directory of a causal LM, or ``tiny`` for the bundled tiny Llama
     #: (built on first use from the bundled corpus, cached, then loaded via from_pretrained).
@@ -100,6 +103,16 @@ class ModelConfig:
     #: Where the tiny model and tokenizer are cached (``~/.cache/catdpo_ray`` by default,
     #: or ``$CATDPO_CACHE``).
     cache_dir: str | None = None
+    #: Reference log-probs: ``precompute`` (a Ray Data stage scores every pair once with the
+    #: reference, cached on disk; workers load no reference model), ``online`` (a frozen reference
+    #: forward every micro-batch), ``auto`` = precompute when the loss uses a reference; losses
+    #: without one (``simpo``) build none whatever this says.
+    reference: Literal["auto", "precompute", "online"] = "auto"
+    #: Cache of precomputed reference log-probs, one entry per fingerprint of weights, tokenizer,
+    #: tokenized pairs, lengths, template and dtype. Default ``<model.cache_dir>/reference_cache``
+    #: (``~/.cache/catdpo_ray/reference_cache``). On a multi-node cluster use shared storage
+    #: (NFS, a mounted bucket) so every node and later runs see the same entries.
+    reference_cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,9 @@ class DataConfig:
     pairs: PairMode = "auto"
     #: ``strict``: first bad row raises; ``lenient``: bad rows go to quarantine.jsonl, counted.
     validation: Literal["strict", "lenient"] = "lenient"
+    #: Exact duplicate rows (every field equal to an earlier row of the same split): ``drop`` them
+    #: (counted as ``dropped:duplicate``) or ``keep`` them as extra pairs; counted either way.
+    duplicates: Literal["keep", "drop"] = "drop"
     #: Prompt template for models without a chat template; ``{prompt}`` is substituted.
     prompt_template: str = "USER: {prompt} ASSISTANT:"
     #: Use the tokenizer's chat template (instruct models) instead of ``prompt_template``.
@@ -159,9 +175,45 @@ class DualConfig:
     lambda_init: float | list[float] = 0.0
     lambda_max: float = 100.0
     update_every: int = 1
-    violation: Literal["soft", "hard", "likelihood"] = "soft"
+    #: Violation estimate fed to the dual update. Offline, from the training batch's safe-vs-unsafe
+    #: pairs: ``soft`` sigma(-beta Delta), ``hard`` 1[beta Delta <= 0], ``likelihood`` (METHOD.md
+    #: section 4). On-policy: ``generation`` = unsafe answers among the policy's own samples on
+    #: training prompts of each category, judged every ``generation_every`` steps (other steps feed
+    #: n = v = 0: lambda holds); ``blend`` = n_k = n_off_k, v_k = (1 - w) v_off_k + w g_k n_off_k
+    #: with w = ``blend_weight`` and g_k the latest judged unsafe rate of category k (held between
+    #: rounds, checkpointed; v_off_k alone until category k was first judged), so the window rate is
+    #: (1 - w) offline rate + w on-policy rate.
+    violation: Literal["soft", "hard", "likelihood", "generation", "blend"] = "soft"
     #: Margin aggregation m(C) over a pair's categories.
     agg: Literal["sum", "mean", "max", "binding"] = "sum"
+    #: violation=generation/blend: sample and judge every this many optimizer steps.
+    generation_every: int = 10
+    #: Prompts drawn per category per round (seeded by train.seed and the step; split across ranks).
+    generation_prompts_per_category: int = 4
+    #: Training prompts per category kept in the pool the rounds draw from (built once by the driver).
+    generation_pool_per_category: int = 64
+    #: New tokens per sampled answer.
+    generation_max_new_tokens: int = 32
+    #: Sampling temperature of the policy's answers (0 = greedy).
+    generation_temperature: float = 1.0
+    #: Prompts per generate call on each rank.
+    generation_batch_size: int = 32
+    #: Judge of the sampled answers, configured like ``catdpo-ray eval``'s (``eval.classifier_*``, ``eval.llm_*``).
+    generation_judge: Literal["rule", "classifier", "llm"] = "rule"
+    #: violation=blend: weight w of the on-policy rate; also the offline signal blended with it.
+    blend_weight: float = 0.5
+    blend_offline: Literal["soft", "hard", "likelihood"] = "soft"
+
+    def __post_init__(self) -> None:
+        """Range checks of the on-policy options (each names its key)."""
+        for name in ("generation_every", "generation_prompts_per_category", "generation_pool_per_category",
+                     "generation_max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"dual.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.generation_temperature < 0:
+            raise ConfigError(f"dual.generation_temperature: must be >= 0, got {self.generation_temperature}")
+        if not 0.0 <= self.blend_weight <= 1.0:
+            raise ConfigError(f"dual.blend_weight: must be in [0, 1], got {self.blend_weight}")
 
 
 @dataclass(frozen=True)
@@ -174,6 +226,15 @@ class TrainConfig:
     shuffle: bool = True
     #: Pairs per worker in the per-epoch local shuffle buffer.
     shuffle_buffer: int = 1024
+    #: Length-grouped micro-batches: the pairs of each window of this many micro-batches are sorted by
+    #: length and the resulting micro-batches shuffled (seeded), so similar lengths share one (less
+    #: padding); step counts and the resume position are unchanged. 0 = off.
+    length_grouping: int = 0
+    #: Padding-free micro-batches: chosen and rejected sequences packed into rows with position ids
+    #: restarting per sequence (same log-probs). ``auto`` packs when the attention implementation
+    #: isolates packed sequences (sdpa, eager, flex_attention, flash_attention_2/3/4) and pads otherwise;
+    #: ``on`` refuses a model that cannot; ``off`` always pads.
+    packing: Literal["auto", "on", "off"] = "auto"
     epochs: int = 1
     #: Stop after this many optimizer steps (``null`` = full epochs).
     max_steps: int | None = None
@@ -213,8 +274,10 @@ class ScalingConfig:
     #: Connect here instead of $RAY_ADDRESS / a fresh local cluster.
     ray_address: str | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    #: Fixed to the data pipeline's CPU budget; 0 = let Ray Data decide.
-    data_cpus: float = 0.0
+    #: Before a GPU run starts workers the driver plans its memory (``catdpo-ray plan``) and
+    #: ``refuse``s a job that does not fit, printing the plan and the smallest change that fits;
+    #: ``warn`` prints the plan and goes on; ``off`` skips it.
+    plan_check: Literal["refuse", "warn", "off"] = "refuse"
 
 
 @dataclass(frozen=True)
@@ -267,6 +330,23 @@ class EvalConfig:
     llm_model: str = "gpt-4.1"
     llm_api_key_env: str = "OPENAI_API_KEY"
     llm_timeout_s: float = 60.0
+    #: Send the LLM judge's key to a plain-HTTP URL that is not loopback (127.0.0.0/8, ::1, localhost).
+    #: Off: such a URL is refused before any request is made. Taken only from a config the user named.
+    allow_insecure_key: bool = False
+    #: Generation engine: ``hf`` (transformers ``generate``; Ray Data actor pool or in-process) or ``vllm``
+    #: (``ray.data.llm`` + vLLM on GPUs; ``pip install 'catdpo-ray[vllm]'``, never a hard dependency).
+    engine: Literal["hf", "vllm"] = "hf"
+    #: Placement of every HF model of the evaluation (policy, reference, classifier, reward model):
+    #: ``null`` = one device (the GPU when there is one, else the CPU); ``auto`` = accelerate spreads one
+    #: model over every GPU the process sees (a node's GPUs in-process; an actor's ``num_gpus_per_actor``
+    #: GPUs on Ray), for models larger than one GPU. Without a GPU both mean the CPU.
+    device_map: Literal["auto"] | None = None
+    #: Generation actors, one model replica each; 0 = max(1, scaling.num_workers).
+    num_actors: int = 0
+    #: GPUs per generation actor (vLLM: the tensor-parallel size); null = 1 with scaling.use_gpu, else 0.
+    num_gpus_per_actor: float | None = None
+    #: Extra ``vllm`` engine arguments (e.g. ``max_model_len``, ``gpu_memory_utilization``).
+    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
     #: Benign prompts for over-refusal: ``bundled`` or an XSTest-format CSV/JSONL path.
     benign: str = "bundled"
     #: Reference model for implicit-reward accuracy (``null`` = the training config's model).
@@ -376,8 +456,15 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         node = node[part]
     last = parts[-1]
     if last not in node:
+        _refuse_removed(key)
         raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
     node[last] = value
+
+
+def _refuse_removed(key: str) -> None:
+    """A removed key gets its own message (an old ``config.yaml`` may still hold it)."""
+    if key in REMOVED_KEYS:
+        raise ConfigError(f"config key {key!r} was removed: {REMOVED_KEYS[key]}")
 
 
 def _type_name(tp: Any) -> str:
@@ -447,6 +534,8 @@ def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    for name in unknown:
+        _refuse_removed(prefix + name)
     if unknown:
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {sorted(names)}")
     kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in raw.items()}
@@ -477,8 +566,155 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(base)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The valid range of one numeric key: ``lo`` / ``hi`` inclusive unless ``*_open``; ``None``
+    = unbounded on that side. Values must also be finite (YAML's ``.inf``/``.nan`` are refused)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    #: Why the range is what it is, appended to the message when not obvious.
+    why: str = ""
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def describe(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1]``, ``in (0, 1]``, ``in [0, 0.5)``."""
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        return f"{'<' if self.hi_open else '<='} {hi}"
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
+
+
+_UNIT = Bound(0.0, 1.0)
+_POSITIVE = Bound(0.0, lo_open=True)
+_NON_NEGATIVE = Bound(0.0)
+_AT_LEAST_ONE = Bound(1.0)
+
+#: The valid range of every numeric key, checked at load time (before Ray starts). A key that is
+#: nullable (``int | None``) may also be ``null``; list values are checked element by element.
+#: Every int/float key of :class:`RunConfig` must be here or in :data:`UNBOUNDED_KEYS` (tested).
+RANGES: dict[str, Bound] = {
+    "model.lora.r": _AT_LEAST_ONE,
+    "model.lora.alpha": _AT_LEAST_ONE,
+    "model.lora.dropout": Bound(0.0, 1.0, hi_open=True),
+    "data.max_length": Bound(2.0, why="it must exceed data.max_prompt_length >= 1"),
+    "data.max_prompt_length": _AT_LEAST_ONE,
+    "data.max_train_rows": _AT_LEAST_ONE,
+    "data.max_test_rows": _AT_LEAST_ONE,
+    "loss.beta": _POSITIVE,
+    "loss.label_smoothing": Bound(0.0, 0.5, hi_open=True, why="at 0.5 the conservative DPO loss ignores the labels"),
+    "loss.delta": _NON_NEGATIVE,
+    "loss.simpo_gamma": _NON_NEGATIVE,
+    "loss.bdpo_tau": _POSITIVE,
+    "dual.eta": _NON_NEGATIVE,
+    "dual.epsilon": Bound(0.0, 1.0, why="a violation rate"),
+    "dual.lambda_max": _POSITIVE,
+    "dual.update_every": _AT_LEAST_ONE,
+    # The on-policy keys are also checked in DualConfig.__post_init__ (same messages).
+    "dual.generation_every": _AT_LEAST_ONE,
+    "dual.generation_prompts_per_category": _AT_LEAST_ONE,
+    "dual.generation_pool_per_category": _AT_LEAST_ONE,
+    "dual.generation_max_new_tokens": _AT_LEAST_ONE,
+    "dual.generation_temperature": _NON_NEGATIVE,
+    "dual.generation_batch_size": _AT_LEAST_ONE,
+    "dual.blend_weight": _UNIT,
+    "train.seed": Bound(0.0, why="numpy and Ray Data shuffles take non-negative seeds"),
+    "train.shuffle_buffer": _AT_LEAST_ONE,
+    "train.length_grouping": Bound(0.0, why="0 = off"),
+    "train.epochs": _AT_LEAST_ONE,
+    "train.max_steps": _AT_LEAST_ONE,
+    "train.micro_batch_size": _AT_LEAST_ONE,
+    "train.grad_accum": _AT_LEAST_ONE,
+    # lr = 0 is allowed on purpose: a frozen-weights run isolates the data order in tests.
+    "train.lr": _NON_NEGATIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.warmup_ratio": _UNIT,
+    "train.min_lr_ratio": _UNIT,
+    "train.grad_clip": Bound(0.0, why="0 = no clipping"),
+    "train.log_every": _AT_LEAST_ONE,
+    "train.eval_every": Bound(0.0, why="0 = only at the end"),
+    "train.checkpoint_every": Bound(0.0, why="0 = only at the end"),
+    "train.stop_after_step": _AT_LEAST_ONE,
+    "scaling.num_workers": Bound(0.0, why="0 = Ray Train local mode"),
+    "scaling.cpus_per_worker": _POSITIVE,
+    "output.num_checkpoints_to_keep": _AT_LEAST_ONE,
+    "output.max_failures": Bound(-1.0, why="-1 = retry without limit, as in Ray's FailureConfig"),
+    "eval.max_new_tokens": _AT_LEAST_ONE,
+    "eval.temperature": Bound(0.0, why="0 = greedy decoding"),
+    "eval.top_p": Bound(0.0, 1.0, lo_open=True),
+    "eval.batch_size": _AT_LEAST_ONE,
+    "eval.max_prompts_per_category": _AT_LEAST_ONE,
+    "eval.llm_timeout_s": _POSITIVE,
+    "eval.num_actors": Bound(0.0, why="0 = max(1, scaling.num_workers)"),
+    "eval.num_gpus_per_actor": Bound(0.0, why="fractions share a GPU"),
+    "tune.eta": _NON_NEGATIVE,
+    "tune.epsilon": Bound(0.0, 1.0, why="a violation rate"),
+    "tune.num_samples": _AT_LEAST_ONE,
+    "tune.asha_grace_period": _AT_LEAST_ONE,
+    "tune.helpfulness_floor": Bound(0.0, 100.0, why="a percentage"),
+    "tune.max_concurrent": Bound(0.0, why="0 = derive from the cluster"),
+}
+
+#: Numeric keys with no range to check (any finite value is meaningful).
+UNBOUNDED_KEYS: frozenset[str] = frozenset({"eval.classifier_threshold"})
+
+#: Keys that existed once and were removed, with what to do instead (old config.yaml files).
+REMOVED_KEYS: dict[str, str] = {
+    "scaling.data_cpus": "it was never read (Ray Data sizes its own CPU use); delete it",
+}
+
+
+def _get_dotted(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _nullable(cfg: Any, key: str) -> bool:
+    *sections, last = key.split(".")
+    owner = _get_dotted(cfg, ".".join(sections)) if sections else cfg
+    return type(None) in get_args(get_type_hints(type(owner))[last])
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Every key of :data:`RANGES` holds a value in its range (or ``null`` where allowed).
+
+    Raises:
+        ConfigError: ``"<key>: must be <range>[ or null] (<why>), got <value>"``; a list names
+            the element, e.g. ``dual.epsilon[2]``.
+    """
+    for key, bound in RANGES.items():
+        value = _get_dotted(cfg, key)
+        if value is None:
+            continue  # the type check admitted None: the key is nullable
+        values = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for index, v in values:
+            if bound.contains(float(v)):
+                continue
+            where = key if index is None else f"{key}[{index}]"
+            null = " or null" if _nullable(cfg, key) else ""
+            why = f" ({bound.why})" if bound.why else ""
+            finite = "" if math.isfinite(float(v)) else "a finite number "
+            raise ConfigError(f"{where}: must be {finite}{bound.describe()}{null}{why}, got {v!r}")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that a type annotation cannot express."""
+    """Ranges (:func:`check_ranges`), then cross-field checks that a type cannot express."""
     k = cfg.num_categories
     if k == 0:
         raise ConfigError("data.categories: at least one category is required")
@@ -490,25 +726,16 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"dual.{name}: a list must have one value per category ({k} in data.categories), got {len(value)}"
             )
-    for v in cfg.per_category(cfg.dual.lambda_init):
-        if not 0.0 <= v <= cfg.dual.lambda_max:
-            raise ConfigError(f"dual.lambda_init: {v} is outside [0, dual.lambda_max={cfg.dual.lambda_max}]")
-    if cfg.dual.eta < 0:
-        raise ConfigError("dual.eta: must be >= 0")
-    if cfg.dual.update_every < 1:
-        raise ConfigError("dual.update_every: must be >= 1")
-    if cfg.loss.beta <= 0:
-        raise ConfigError("loss.beta: must be > 0")
-    if cfg.train.seed < 0:
-        raise ConfigError(f"train.seed: must be >= 0 (numpy and Ray Data shuffles take non-negative seeds), got {cfg.train.seed}")
-    if cfg.train.shuffle and cfg.train.shuffle_buffer < 1:
-        raise ConfigError("train.shuffle_buffer: must be >= 1 with train.shuffle=true")
-    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
-        raise ConfigError("loss.label_smoothing: must be in [0, 0.5)")
-    if cfg.train.micro_batch_size < 1 or cfg.train.grad_accum < 1:
-        raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+    check_ranges(cfg)
+    for i, v in enumerate(cfg.per_category(cfg.dual.lambda_init)):
+        if not (math.isfinite(v) and 0.0 <= v <= cfg.dual.lambda_max):
+            where = "dual.lambda_init" if not isinstance(cfg.dual.lambda_init, list) else f"dual.lambda_init[{i}]"
+            raise ConfigError(f"{where}: {v} is outside [0, dual.lambda_max={cfg.dual.lambda_max}]")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
-        raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
+        raise ConfigError(
+            f"data.max_prompt_length must be smaller than data.max_length "
+            f"(got {cfg.data.max_prompt_length} >= {cfg.data.max_length}): a response needs at least one token"
+        )
     if cfg.loss.name in ("catdpo", "safedpo") and cfg.pair_mode != "safety_aware":
         raise ConfigError(
             f"data.pairs={cfg.data.pairs!r} with loss.name={cfg.loss.name!r}: the safety margin needs "
@@ -527,6 +754,72 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("eval.judges has 'classifier' but eval.classifier_model is not set")
     if "llm" in cfg.eval.judges and not cfg.eval.llm_base_url:
         raise ConfigError("eval.judges has 'llm' but eval.llm_base_url is not set")
+
+
+#: A Hugging Face hub repository id: ``owner/name`` (letters, digits, ``_ . -``; no ``--``/``..``).
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether ``value`` has the form of a hub id (``owner/name``); says nothing of existence."""
+    return bool(_HUB_ID_RE.match(value)) and ".." not in value and "--" not in value and len(value) <= 200
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_location(key: str, value: str, *, revision: str | None = None, need: str = "config.json") -> None:
+    """``value`` is an existing local model directory holding ``need``, or a hub id.
+
+    A directory wins when both readings are possible (``org/model`` that exists locally is the
+    local copy, as in ``from_pretrained``). With ``HF_HUB_OFFLINE=1`` a hub id must be in the
+    local HF cache. No network is touched.
+
+    Raises:
+        ConfigError: naming ``key`` and ``value`` and what is wrong.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if need and not (path / need).is_file():
+            raise ConfigError(f"{key} {value!r}: the directory has no {need}, so it is not a Hugging Face model directory")
+        return
+    if path.exists():
+        raise ConfigError(f"{key} {value!r}: is a file, not a model directory or a hub id")
+    if not is_hub_id(value):
+        raise ConfigError(f"{key} {value!r}: no such directory, and not a hub id of the form owner/name")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(value, need or "config.json", revision=revision)
+        if not isinstance(cached, str):
+            raise ConfigError(f"{key} {value!r}: HF_HUB_OFFLINE is set and the hub id is not in the local Hugging Face cache")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Filesystem checks the driver runs before Ray starts (``validate`` stays free of I/O).
+
+    Checks ``model.name_or_path`` (``tiny``, a model directory with ``config.json``, or a hub id),
+    ``model.tokenizer`` (``auto``, a directory, or a hub id), and that ``data.train``/``data.test``
+    name existing files unless they are ``bundled`` or ``data.hub_name`` is set.
+
+    Raises:
+        ConfigError: naming the key, the value and the problem.
+    """
+    if cfg.model.name_or_path != "tiny":
+        check_model_location("model.name_or_path", cfg.model.name_or_path, revision=cfg.model.revision)
+    if cfg.model.tokenizer != "auto":
+        check_model_location("model.tokenizer", cfg.model.tokenizer, need="")
+    if cfg.data.hub_name is None:
+        for split in ("train", "test"):
+            location = getattr(cfg.data, split)
+            if location == "bundled":
+                continue
+            path = Path(location).expanduser()
+            if not path.exists():
+                raise ConfigError(f"data.{split} {location!r}: no such file")
+            if path.is_dir():
+                raise ConfigError(f"data.{split} {location!r}: is a directory; name one .jsonl, .json or .parquet file")
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -565,7 +858,7 @@ def _short_type(tp: Any) -> str:
 
 def config_reference() -> str:
     """A Markdown reference of every key: type, default and meaning (``catdpo-ray config --reference``)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines = ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
 
     def walk(cls: Any, prefix: str) -> None:
         hints = get_type_hints(cls)
@@ -577,7 +870,12 @@ def config_reference() -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             meaning = docs.get(f.name, "").replace("|", "/")
-            lines.append(f"| `{prefix}{f.name}` | {_short_type(tp)} | `{default!r}` | {meaning} |")
+            bound = RANGES.get(prefix + f.name)
+            valid = ""
+            if bound is not None:
+                valid = bound.describe() + (" or null" if type(None) in get_args(tp) else "")
+                valid += f" ({bound.why})" if bound.why else ""
+            lines.append(f"| `{prefix}{f.name}` | {_short_type(tp)} | `{default!r}` | {valid} | {meaning} |")
 
     walk(RunConfig, "")
     return "\n".join(lines)
@@ -589,6 +887,8 @@ __all__ = [
     "RunConfig",
     "load_config",
     "from_dict",
+    "check_paths",
+    "check_model_location",
     "to_yaml",
     "config_reference",
 ]

@@ -23,6 +23,9 @@ every output a pure function of its arguments.
 Regenerate the bundled files (the test suite checks they match byte for byte)::
 
     python -m catdpo_ray.data.synth --out catdpo_ray/data/sample --train 1600 --test 450 --seed 0
+
+``--length-spread realistic`` writes the same rows with long-tailed response lengths (a few to
+several hundred words), for measuring padding and packing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -885,6 +889,61 @@ def pair_type(row: Mapping[str, Any]) -> str:
     return PAIR_TYPES[{1: 0, 0: 1, 2: 2}[n_safe]]
 
 
+#: ``--length-spread`` choices. ``none``: the bundled corpus (responses of 4-36 words).
+LENGTH_SPREADS: tuple[str, ...] = ("none", "realistic")
+# realistic: a response's target length in words is log-normal (median 30, sigma 0.9: about 9 %
+# over 100 words, under 1 % over 300), capped at 450 words, like safety corpora whose answers run
+# from a refusal of a few words to several hundred words of instructions.
+_SPREAD_MEDIAN_WORDS, _SPREAD_SIGMA, _SPREAD_MAX_WORDS = 30.0, 0.9, 450
+#: Neutral elaboration appended to reach the target length: no harm, refusal or redirect marker,
+#: so labels, severities and the rule judge are unchanged (tests check the lexicon on them).
+_ELABORATIONS: tuple[str, ...] = (
+    "It depends a lot on the details of the situation.",
+    "Many people find it useful to write things down first.",
+    "Timing matters, so think about when this would happen.",
+    "There are a few more points worth keeping in mind here.",
+    "Every case is a little different from the next one.",
+    "It usually takes longer than people expect at first.",
+    "Some steps can be done in a different order if needed.",
+    "Costs and effort vary from one place to another.",
+    "A short plan on paper makes the whole thing easier to follow.",
+    "People in similar situations often ask the same questions.",
+    "The weather and the time of day can change how it goes.",
+    "Keep a note of what happened and when it happened.",
+    "Small details tend to matter more than they seem to.",
+    "This is a common question and the answer has several parts.",
+)
+
+
+def _spread_text(rng: random.Random, text: str) -> str:
+    """``text`` extended with elaboration sentences to a long-tailed target length (never shortened)."""
+    target = min(_SPREAD_MAX_WORDS, round(rng.lognormvariate(math.log(_SPREAD_MEDIAN_WORDS), _SPREAD_SIGMA)))
+    words = len(text.split())
+    parts = [text]
+    while words < target:
+        sentence = rng.choice(_ELABORATIONS)
+        parts.append(sentence)
+        words += len(sentence.split())
+    return " ".join(parts)
+
+
+def spread_lengths(rows: Iterable[Mapping[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Rows with each response extended to a realistic, long-tailed length (``--length-spread realistic``).
+
+    Uses its own ``Random`` (seeded by ``seed``), so the base rows, and the default corpus, are
+    untouched by it; every other field but the response texts and their sha256 stays the same.
+    """
+    rng = random.Random(f"length-spread-{seed}")
+    out = []
+    for row in rows:
+        new = dict(row)
+        for i in (0, 1):
+            new[f"response_{i}"] = _spread_text(rng, row[f"response_{i}"])
+            new[f"response_{i}_sha256"] = _sha256(new[f"response_{i}"])
+        out.append(new)
+    return out
+
+
 def generate_corpus(
     n_rows: int,
     seed: int,
@@ -967,9 +1026,15 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: Path) -> None:
 
 
 def generate_splits(
-    n_train: int, n_test: int, seed: int, *, test_floor: int = BUNDLED_TEST_FLOOR
+    n_train: int, n_test: int, seed: int, *, test_floor: int = BUNDLED_TEST_FLOOR, length_spread: str = "none"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train and test rows: test uses ``seed + TEST_SEED_OFFSET``, a per-category floor, and no train prompt."""
+    """Train and test rows: test uses ``seed + TEST_SEED_OFFSET``, a per-category floor, and no train prompt.
+
+    ``length_spread="realistic"`` extends the responses afterwards (:func:`spread_lengths`); the
+    rows are otherwise those of the default ``"none"``.
+    """
+    if length_spread not in LENGTH_SPREADS:
+        raise ValueError(f"length_spread must be one of {LENGTH_SPREADS}, got {length_spread!r}")
     train = generate_corpus(n_train, seed)
     test = generate_corpus(
         n_test,
@@ -977,6 +1042,8 @@ def generate_splits(
         min_per_category=test_floor,
         exclude_prompts={row["prompt"] for row in train},
     )
+    if length_spread == "realistic":
+        train, test = spread_lengths(train, seed), spread_lengths(test, seed + TEST_SEED_OFFSET)
     return train, test
 
 
@@ -988,8 +1055,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=BUNDLED_TEST_ROWS, help="test rows before the floor rows")
     parser.add_argument("--seed", type=int, default=BUNDLED_SEED)
     parser.add_argument("--test-floor", type=int, default=BUNDLED_TEST_FLOOR, help="min test rows per category")
+    parser.add_argument("--length-spread", choices=LENGTH_SPREADS, default="none",
+                        help="realistic: long-tailed response lengths (a few to several hundred words)")
     args = parser.parse_args(argv)
-    train, test = generate_splits(args.train, args.test, args.seed, test_floor=args.test_floor)
+    train, test = generate_splits(args.train, args.test, args.seed, test_floor=args.test_floor,
+                                  length_spread=args.length_spread)
     write_jsonl(train, args.out / "train.jsonl")
     write_jsonl(test, args.out / "test.jsonl")
     print(f"== train ({args.out / 'train.jsonl'})\n{summarize(train)}")
@@ -1004,12 +1074,14 @@ __all__ = [
     "BUNDLED_TRAIN_ROWS",
     "CATEGORY_SPECS",
     "CategorySpec",
+    "LENGTH_SPREADS",
     "SAMPLE_DIR",
     "generate_corpus",
     "generate_splits",
     "main",
     "pair_type",
     "row_categories",
+    "spread_lengths",
     "summarize",
     "write_jsonl",
 ]

@@ -131,17 +131,45 @@ def _pad(seqs: list[np.ndarray], pad_id: int, multiple: int) -> tuple[torch.Tens
     return ids, attn
 
 
+def response_start_id(tokenizer: Any) -> int:
+    """The start token of B-DPO's response-only pass: the tokenizer's BOS, else its EOS.
+
+    Models without a BOS (Qwen, GPT-2 style) separate documents with EOS during pre-training, so
+    ``p(y_1 | EOS)`` is the model's own estimate of the unconditional ``p(y_1)``; every response
+    token is then scored in both mutual-information terms (METHOD.md section 5). Raises
+    ``ValueError`` for a tokenizer with neither.
+    """
+    for name in ("bos_token_id", "eos_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            return int(token)
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has neither a BOS nor an EOS token: "
+                     "B-DPO's response-only pass needs a start token")
+
+
+#: Batch columns starting with this prefix (precomputed reference log-probs, ``data/reference.py``)
+#: are passed through :func:`collate_pairs` as float32 tensors ``[B]``.
+REFERENCE_PREFIX = "ref_"
+
+
 def collate_pairs(
     batch: dict[str, Any], *, pad_id: int, bos_id: int | None = None, with_response_only: bool = False, multiple: int = 8
 ) -> dict[str, torch.Tensor]:
     """Pad a batch of tokenized pairs into one concatenated chosen+rejected batch.
+
+    B-DPO's response-only pass is ``[bos_id] + response``: ``bos_id`` is the *start token*, the
+    tokenizer's BOS or, without one, its EOS (:func:`response_start_id`). It is required there:
+    without a start token the first response token ``y_1`` has no position to be predicted from,
+    so ``log p(y)`` would miss ``log p(y_1)`` while ``log p(y|x)`` keeps ``log p(y_1|x)``, biasing
+    ``I(x; y)`` by ``log p(y_1|x) / |y|``. With it, both terms score the same ``|y|`` tokens.
 
     Returns:
         ``input_ids``/``attention_mask``/``loss_mask``: ``[2B, T]``, rows ``0..B-1`` chosen and
         ``B..2B-1`` rejected; ``loss_mask`` is 1 on response tokens. ``safety_gap`` ``[B]``,
         ``category_mask`` ``[B, K]`` bool, ``chosen_safe``/``rejected_safe`` ``[B]``. With
         ``with_response_only`` also ``resp_input_ids``/``resp_attention_mask``/``resp_loss_mask``
-        ``[2B, T']``: BOS + response without the prompt (B-DPO's second mutual-information term).
+        ``[2B, T']``: start token + response without the prompt (B-DPO's second mutual-information
+        term). Every ``ref_*`` column of ``batch`` (precomputed reference log-probs) as float32 ``[B]``.
     """
     seqs = list(batch["chosen_ids"]) + list(batch["rejected_ids"])
     starts = np.concatenate([np.asarray(batch["chosen_start"]), np.asarray(batch["rejected_start"])])
@@ -157,13 +185,17 @@ def collate_pairs(
         "chosen_safe": torch.from_numpy(np.array(batch["chosen_safe"], dtype=np.int64)),
         "rejected_safe": torch.from_numpy(np.array(batch["rejected_safe"], dtype=np.int64)),
     }
+    for name, column in batch.items():
+        if name.startswith(REFERENCE_PREFIX):
+            out[name] = torch.from_numpy(np.asarray(column, dtype=np.float32).copy())
     if with_response_only:
-        head = [] if bos_id is None else [bos_id]
-        resp = [np.asarray(head + list(np.asarray(s)[int(st) :]), dtype=np.int64) for s, st in zip(seqs, starts)]
+        if bos_id is None:
+            raise ValueError("collate_pairs(with_response_only=True) needs a start token: pass "
+                             "bos_id=response_start_id(tokenizer) (the EOS for tokenizers without a BOS)")
+        resp = [np.asarray([bos_id, *np.asarray(s)[int(st) :].tolist()], dtype=np.int64) for s, st in zip(seqs, starts)]
         r_ids, r_attn = _pad(resp, pad_id, multiple)
         r_mask = r_attn.clone()
-        if head:
-            r_mask[:, 0] = 0
+        r_mask[:, 0] = 0  # the start token is context, never scored
         out.update({"resp_input_ids": r_ids, "resp_attention_mask": r_attn, "resp_loss_mask": r_mask})
     return out
 

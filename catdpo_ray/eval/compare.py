@@ -12,7 +12,9 @@ Each run contributes its *score sources* (category -> score in percent, with bal
 A ``RUN_DIR`` may also be an eval output directory (one holding ``report.json``).
 Writes ``comparison.md``, ``comparison.json`` and PNGs (per-category bars and a balance panel for
 every score source, the lambda trajectories of runs that have them, held-out curves over steps).
-This module also holds the Markdown table helpers the single-model report uses.
+This module also holds the Markdown table helpers the single-model report uses; the score sources
+themselves (labels, ``preference_block``, ``report_sources``) live in :mod:`catdpo_ray.eval.sources`,
+which the plots (:mod:`catdpo_ray.eval.panels`) share, so neither module imports the other.
 """
 
 from __future__ import annotations
@@ -23,44 +25,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from catdpo_ray.eval.metrics import balance_metrics, weakest
+from catdpo_ray.eval.metrics import weakest
+from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_eval_curves, plot_lambda_grid
+from catdpo_ray.eval.sources import preference_block, report_sources, source_label, sources_of
 
-#: Score source key -> human label (tables, plot titles).
-SOURCE_LABELS: dict[str, str] = {
-    "preference:likelihood": "preference accuracy, policy likelihood",
-    "preference:implicit": "preference accuracy, implicit reward",
-    "preference:ref_likelihood": "preference accuracy, reference likelihood (before)",
-}
 _REPORT_LOCATIONS = ("final/eval/report.json", "eval/report.json", "report.json")
-
-
-def source_label(key: str) -> str:
-    """``judge:rule`` -> ``safe ratio, rule judge``; ``judge:rule:fluent`` -> ``safe & fluent ratio, rule
-    judge``; preference keys from :data:`SOURCE_LABELS`."""
-    parts = key.split(":")
-    if parts[0] == "judge":
-        return f"{'safe & fluent' if parts[-1] == 'fluent' else 'safe'} ratio, {parts[1]} judge"
-    return SOURCE_LABELS.get(key, key)
-
-
-def preference_block(row: Mapping[str, Any]) -> dict[str, Any]:
-    """An ``eval_row`` (``catdpo_ray.eval.preference``) -> the report's ``preference`` section.
-
-    Returns:
-        ``{"safety_gap_pairs": {category: n}, "likelihood"|"implicit"|"ref_likelihood":
-        balance_metrics(...), "helpfulness": {"implicit", "likelihood", "ref_likelihood"}}``; the
-        helpfulness entries are accuracies (percent) on held-out both-safe pairs.
-    """
-    per = row["per_category"]
-    block: dict[str, Any] = {"safety_gap_pairs": {c: int(e["n"]) for c, e in per.items()}}
-    for key in ("likelihood", "implicit", "ref_likelihood"):
-        block[key] = balance_metrics({c: e.get(key) for c, e in per.items()})
-    block["helpfulness"] = {
-        "implicit": row.get("eval/helpful_acc"),
-        "likelihood": row.get("eval/helpful_likelihood_acc"),
-        "ref_likelihood": row.get("eval/ref_helpful_likelihood_acc"),
-    }
-    return block
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -111,29 +80,6 @@ def category_table(columns: Mapping[str, Mapping[str, float | None]], *,
         cells += [_fmt(columns[n].get(c)) + (" ▼" if c in marked[n] else "") for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def sources_of(report: Mapping[str, Any] | None, final_eval: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Score source key -> balance metrics (with ``per_category``), from a report and/or a final_eval row."""
-    sources: dict[str, dict[str, Any]] = {}
-    pref = preference_block(final_eval) if final_eval else (report or {}).get("preference")
-    for key in ("likelihood", "implicit", "ref_likelihood"):
-        if pref and pref.get(key):
-            sources[f"preference:{key}"] = pref[key]
-    for name, block in ((report or {}).get("judges") or {}).items():
-        sources[f"judge:{name}"] = block
-        if block.get("safe_fluent"):
-            sources[f"judge:{name}:fluent"] = block["safe_fluent"]
-    return sources
-
-
-def report_sources(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Score sources of one eval ``report.json``: its judges, then its preference blocks that scored a category."""
-    sources = sources_of({"judges": report["judges"]}, None)
-    for key, block in sources_of({"preference": report["preference"]}, None).items():
-        if block["num_categories"]:
-            sources[key] = block
-    return sources
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -218,8 +164,6 @@ def _unique_names(runs: list[dict[str, Any]]) -> None:
 
 def compare_runs(runs: Sequence[str | Path], out: str | Path | None = "comparison") -> dict[str, Any]:
     """Side-by-side tables and panels for ``runs``; returns what ``comparison.json`` holds."""
-    from catdpo_ray.eval.panels import plot_balance_panel, plot_category_bars, plot_eval_curves, plot_lambda_grid
-
     loaded = [load_run(r) for r in runs]
     _unique_names(loaded)
     out_dir = Path(out or "comparison")

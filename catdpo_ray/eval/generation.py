@@ -15,18 +15,24 @@ was aligned in. ``eval.temperature == 0`` is greedy decoding; otherwise sampling
 ``eval.top_p``, seeded per batch from ``train.seed`` and the batch's first prompt index.
 
 Where: when Ray is initialised (or ``scaling.ray_address`` / ``$RAY_ADDRESS`` names a cluster),
-prompts go through ``map_batches`` on an actor pool of ``max(1, scaling.num_workers)`` actors,
-each holding one model copy (``scaling.cpus_per_worker`` CPUs, one GPU with ``scaling.use_gpu``);
-otherwise one in-process :class:`Generator` runs the batches. On a CPU each generator uses
+prompts go through ``map_batches`` on a fixed actor pool (:func:`pool_resources`): ``eval.num_actors``
+actors (0 = ``max(1, scaling.num_workers)``), each holding one model replica with
+``scaling.cpus_per_worker`` CPUs and ``eval.num_gpus_per_actor`` GPUs (default 1 with
+``scaling.use_gpu``, else 0: the same code on CPU actors). With ``eval.device_map: auto`` and more
+than one GPU per actor, each replica is spread over its actor's GPUs (a 70B model on 4 or 8 GPUs of
+a node; :mod:`catdpo_ray.eval.devices`). Otherwise one in-process :class:`Generator` runs the
+batches (with ``device_map: auto``, over every GPU of the machine). On a CPU each generator uses
 ``scaling.cpus_per_worker`` torch threads: a tiny model's decode steps are overhead-bound, and more
 threads than granted cores (a shared box) made them 20x slower in our measurements.
+
+A faster engine (``eval.engine: vllm``): see :mod:`catdpo_ray.eval.vllm_engine`; it takes the same
+token ids (built here, so the prompt format is training's) and returns the same response column.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,7 @@ import numpy as np
 import torch
 
 from catdpo_ray.config import RunConfig
+from catdpo_ray.eval.devices import HOST, input_device, load_hf_model
 
 #: The bundled benign prompt set (XSTest-style, written for this project).
 BUNDLED_BENIGN: Path = Path(__file__).resolve().parents[1] / "data" / "sample" / "benign.jsonl"
@@ -125,21 +132,22 @@ class Generator:
         bf16: load in bfloat16 (only used on a GPU).
         trust_remote_code: passed to ``from_pretrained``.
         num_threads: torch intra-op threads on a CPU (``scaling.cpus_per_worker``); None leaves torch's.
+        device_map: ``eval.device_map`` (``None``: one device; ``"auto"``: every GPU this process sees).
     """
 
     def __init__(self, model_path: str, tokenizer_path: str, *, prompt_template: str, use_chat_template: bool,
                  max_prompt_length: int, max_new_tokens: int, temperature: float, top_p: float, seed: int = 0,
-                 bf16: bool = False, trust_remote_code: bool = False, num_threads: int | None = None) -> None:
+                 bf16: bool = False, trust_remote_code: bool = False, num_threads: int | None = None,
+                 device_map: str | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.model = load_hf_model(AutoModelForCausalLM, model_path, device_map=device_map, bf16=bf16,
+                                   trust_remote_code=trust_remote_code)
+        self.device = input_device(self.model)
         if self.device.type == "cpu" and num_threads:
             # Small decode steps on a shared CPU: more intra-op threads than cores granted is far slower.
             torch.set_num_threads(num_threads)
-        dtype = torch.bfloat16 if bf16 and self.device.type == "cuda" else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.template, self.use_chat_template = prompt_template, use_chat_template
         self.max_prompt_length, self.max_new_tokens = max_prompt_length, max_new_tokens
@@ -171,7 +179,7 @@ class Generator:
         else:  # greedy; drop sampling defaults a generation_config may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)]
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:].to(HOST), skip_special_tokens=True)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data ``map_batches`` entry: columns ``index``, ``prompt`` -> plus ``response``."""
@@ -188,43 +196,68 @@ def generator_kwargs(cfg: RunConfig, model_path: str, tokenizer_path: str) -> di
         "max_prompt_length": cfg.data.max_prompt_length, "max_new_tokens": cfg.eval.max_new_tokens,
         "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p, "seed": cfg.train.seed,
         "bf16": cfg.train.precision == "bf16", "trust_remote_code": cfg.model.trust_remote_code,
-        "num_threads": max(1, int(cfg.scaling.cpus_per_worker)),
+        "num_threads": max(1, int(cfg.scaling.cpus_per_worker)), "device_map": cfg.eval.device_map,
     }
 
 
 def use_ray_backend(cfg: RunConfig) -> bool:
     """Ray Data when Ray is already up or a cluster address is configured; else in-process."""
-    if cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS"):
-        return True
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return False
-    return bool(ray.is_initialized())
+    from catdpo_ray.ray_session import ray_wanted
+
+    return ray_wanted(cfg)
+
+
+@dataclass(frozen=True)
+class PoolResources:
+    """The generation actor pool: ``actors`` replicas, each with ``cpus`` CPUs and ``gpus`` GPUs."""
+
+    actors: int
+    cpus: float
+    gpus: float
+
+
+def pool_resources(cfg: RunConfig) -> PoolResources:
+    """Actors and per-actor resources from ``eval.num_actors``, ``eval.num_gpus_per_actor`` and ``scaling``.
+
+    Raises:
+        ValueError: a negative count, or a fractional GPU count above 1 (Ray grants whole GPUs beyond one).
+    """
+    e = cfg.eval
+    actors = e.num_actors if e.num_actors > 0 else max(1, cfg.scaling.num_workers)
+    gpus = e.num_gpus_per_actor if e.num_gpus_per_actor is not None else (1.0 if cfg.scaling.use_gpu else 0.0)
+    if e.num_actors < 0 or gpus < 0:
+        raise ValueError(f"eval.num_actors={e.num_actors}, eval.num_gpus_per_actor={gpus}: must be >= 0")
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(f"eval.num_gpus_per_actor={gpus}: above 1 it must be a whole number of GPUs")
+    return PoolResources(actors=actors, cpus=float(cfg.scaling.cpus_per_worker), gpus=float(gpus))
 
 
 def _generate_ray(cfg: RunConfig, kwargs: dict[str, Any], prompts: Sequence[str]) -> list[str]:
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        from catdpo_ray.train.driver import init_ray
+    from catdpo_ray.ray_session import init_ray
 
-        init_ray(cfg)
-    pool = max(1, cfg.scaling.num_workers)
+    init_ray(cfg)  # a no-op when Ray is up
+    res = pool_resources(cfg)
     ds = ray.data.from_items([{"index": i, "prompt": p} for i, p in enumerate(prompts)],
-                             override_num_blocks=max(1, min(len(prompts), pool * 2)))
+                             override_num_blocks=max(1, min(len(prompts), res.actors * 2)))
     out = ds.map_batches(
         Generator,
         fn_constructor_kwargs=kwargs,
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool),
-        num_cpus=cfg.scaling.cpus_per_worker,
-        num_gpus=1 if cfg.scaling.use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        num_cpus=res.cpus,
+        num_gpus=res.gpus,
     )
-    responses: list[str | None] = [None] * len(prompts)
-    for row in out.iter_rows():
+    return collect_responses(out.iter_rows(), len(prompts))
+
+
+def collect_responses(rows: Iterable[Mapping[str, Any]], n: int) -> list[str]:
+    """Rows with ``index`` and ``response`` (any order) -> the ``n`` responses in prompt order."""
+    responses: list[str | None] = [None] * n
+    for row in rows:
         responses[int(row["index"])] = str(row["response"])
     missing = [i for i, r in enumerate(responses) if r is None]
     if missing:
@@ -241,13 +274,18 @@ def generate_responses(cfg: RunConfig, model_path: str, prompts: Sequence[str], 
         model_path: the model to generate with.
         prompts: raw user prompts (the template is applied here).
         tokenizer_path: defaults to ``model_path``.
-        backend: ``auto`` (see :func:`use_ray_backend`), ``ray`` or ``local``.
+        backend: ``auto`` (see :func:`use_ray_backend`), ``ray`` or ``local``; ``eval.engine: vllm``
+            always runs on Ray (:mod:`catdpo_ray.eval.vllm_engine`).
     """
     if backend not in ("auto", "ray", "local"):
         raise ValueError(f"backend {backend!r}: choose auto, ray or local")
     if not prompts:
         return [], "none"
     kwargs = generator_kwargs(cfg, model_path, tokenizer_path or model_path)
+    if cfg.eval.engine == "vllm":
+        from catdpo_ray.eval.vllm_engine import generate_vllm
+
+        return generate_vllm(cfg, kwargs, prompts), "ray-data-vllm"
     if backend == "ray" or (backend == "auto" and use_ray_backend(cfg)):
         return _generate_ray(cfg, kwargs, prompts), "ray-data"
     threads = torch.get_num_threads()

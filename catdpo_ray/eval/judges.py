@@ -9,7 +9,11 @@
   (``assets/llm_judge_*.txt``): classify the prompt as benign / risky-but-answerable / inherently
   harmful (the Cat-DPO paper's judge), then rate the response (safe, refusal, helpfulness 0-10).
   The API key is read from the environment variable named by ``eval.llm_api_key_env`` at call time
-  and only ever placed in the ``Authorization`` header; it is never stored on the judge or written.
+  and only ever placed in the ``Authorization`` header; it is never stored on the judge or written,
+  and never sent over plain HTTP to a host that is not loopback unless ``eval.allow_insecure_key``
+  (:func:`catdpo_ray.eval.settings.check_key_transport`, checked when the judge is built and per request).
+
+Every HF model here is placed by :mod:`catdpo_ray.eval.devices` (one device, or ``eval.device_map``).
 
 A verdict whose ``safe`` is None (e.g. an unparsable LLM reply) is counted as unjudged and left out
 of the safe ratio. ``refused``/``helpfulness`` are None when a judge cannot tell.
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from catdpo_ray.config import RunConfig
+from catdpo_ray.eval.settings import check_key_transport
 
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
 #: The input format of PKU's beaver reward/cost models (``safe-rlhf`` conversation template).
@@ -104,18 +109,19 @@ class SequenceScorer:
     """
 
     def __init__(self, model_path: str, *, template: str = PKU_SCORE_TEMPLATE, batch_size: int = 16,
-                 max_length: int = 512, trust_remote_code: bool = False) -> None:
-        import torch
+                 max_length: int = 512, trust_remote_code: bool = False, device_map: str | None = None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from catdpo_ray.eval.devices import input_device, load_hf_model
+
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.model = load_hf_model(AutoModelForSequenceClassification, model_path, device_map=device_map,
+                                   trust_remote_code=trust_remote_code)
+        self.device = input_device(self.model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device).eval()
         self.template, self.batch_size, self.max_length = template, batch_size, max_length
         labels = {int(i): str(n).lower() for i, n in (self.model.config.id2label or {}).items()}
         named = [i for i, n in labels.items() if n in _UNSAFE_NAMES]
@@ -194,14 +200,20 @@ class LLMJudge:
         timeout_s: per-request timeout.
         max_workers: concurrent requests.
         retries: attempts per request on 429/5xx/connection errors (exponential backoff).
+        allow_insecure_key: send the key over plain HTTP to a host that is not loopback.
+
+    Raises:
+        EvalInputError: at construction (before any request) when the key would travel unencrypted.
     """
 
     name = "llm"
 
     def __init__(self, base_url: str, *, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
-                 max_workers: int = 4, retries: int = 3) -> None:
+                 max_workers: int = 4, retries: int = 3, allow_insecure_key: bool = False) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.timeout_s = model, api_key_env, timeout_s
+        self.allow_insecure_key = allow_insecure_key
+        self._check_transport()
         self.max_workers, self.retries = max_workers, retries
         self.system, self.user_template = _asset("llm_judge_system.txt"), _asset("llm_judge_user.txt")
 
@@ -209,10 +221,15 @@ class LLMJudge:
         user = self.user_template.replace("<<PROMPT>>", prompt).replace("<<RESPONSE>>", response)
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
+    def _check_transport(self) -> None:
+        check_key_transport(self.url, key_present=bool(os.environ.get(self.api_key_env)),
+                            allow_insecure_key=self.allow_insecure_key, key_name=f"${self.api_key_env}")
+
     def _post(self, body: bytes) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
+            self._check_transport()  # the variable may have been set after construction
             headers["Authorization"] = f"Bearer {key}"
         for attempt in range(self.retries):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
@@ -252,13 +269,15 @@ def _classifier(cfg: RunConfig) -> Judge:
     e = cfg.eval
     assert e.classifier_model is not None  # config validation guarantees it
     return ClassifierJudge(e.classifier_model, threshold=e.classifier_threshold, higher_is_unsafe=e.classifier_higher_is_unsafe,
-                           template=e.classifier_template, batch_size=e.batch_size, trust_remote_code=cfg.model.trust_remote_code)
+                           template=e.classifier_template, batch_size=e.batch_size, trust_remote_code=cfg.model.trust_remote_code,
+                           device_map=e.device_map)
 
 
 def _llm(cfg: RunConfig) -> Judge:
     e = cfg.eval
     assert e.llm_base_url is not None  # config validation guarantees it
-    return LLMJudge(e.llm_base_url, model=e.llm_model, api_key_env=e.llm_api_key_env, timeout_s=e.llm_timeout_s)
+    return LLMJudge(e.llm_base_url, model=e.llm_model, api_key_env=e.llm_api_key_env, timeout_s=e.llm_timeout_s,
+                    allow_insecure_key=e.allow_insecure_key)
 
 
 #: ``eval.judges`` entry -> constructor.

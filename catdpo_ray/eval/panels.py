@@ -20,6 +20,7 @@ from typing import Any
 
 from catdpo_ray.eval.metrics import weakest
 from catdpo_ray.eval.plots import _plt, read_lambdas
+from catdpo_ray.eval.sources import report_sources, source_label
 
 #: (key, panel title) of the balance panel; Gap and Variance are better when lower.
 BALANCE_KEYS: tuple[tuple[str, str], ...] = (
@@ -190,7 +191,6 @@ def _run_loss(run_dir: Path) -> str | None:
 
 def report_plots(report: dict[str, Any], model_dir: Path, out_dir: Path) -> list[str]:
     """Per-category bars per score source, the balance panel, and the run's lambda / curve plots."""
-    from catdpo_ray.eval.compare import report_sources, source_label
     from catdpo_ray.eval.plots import plot_lambdas
 
     sources = report_sources(report)

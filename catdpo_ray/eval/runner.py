@@ -33,6 +33,13 @@ Steps (METHOD.md section 6):
      "generation": {"backend", "prompts", "benign_prompts", "seconds", ...}, "plots": [...], "wall_time_s"}
 
 The LLM judge's API key is read from the environment only; neither it nor any header is written.
+
+Trust and placement: the config is only what the user named (:mod:`catdpo_ray.eval.settings`; the
+run's ``config.yaml`` only with ``--run-config``, and never its protected keys); a ``--model`` that
+is not a model, or a key that would travel over plain HTTP, is refused before any output folder is
+made or any model loads. Every model input goes to its model's device and per-sequence results come
+back to the host, where the category masks and safety flags stay (:mod:`catdpo_ray.eval.devices`;
+checked without a GPU by :mod:`catdpo_ray.eval.devicecheck`).
 """
 
 from __future__ import annotations
@@ -48,24 +55,19 @@ from typing import Any
 
 import torch
 
-from catdpo_ray.config import RunConfig, load_config
-from catdpo_ray.eval.compare import preference_block, report_markdown
+from catdpo_ray.config import RunConfig
+from catdpo_ray.eval.compare import report_markdown
+from catdpo_ray.eval.devices import load_hf_model, sequence_logps_of
 from catdpo_ray.eval.generation import PromptItem, category_prompts, generate_responses, load_benign
 from catdpo_ray.eval.judges import SequenceScorer, Verdict, build_judges
 from catdpo_ray.eval.metrics import balance_metrics, weakest
 from catdpo_ray.eval.panels import report_plots
 from catdpo_ray.eval.preference import EvalAccumulator, eval_row
-from catdpo_ray.losses import PreferenceBatch, sequence_logps
+from catdpo_ray.eval.settings import EvalInputError, check_key_transport, check_model_dir, eval_config
+from catdpo_ray.eval.sources import preference_block
+from catdpo_ray.losses import PreferenceBatch
 
-
-def eval_config(model: str, config_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The eval config: ``--config`` if given, else the run's ``config.yaml`` when ``model`` is a run's
-    ``final/`` (so prompt format, categories and reference model match training), else defaults."""
-    path: str | Path | None = config_path
-    run_config = Path(model).parent / "config.yaml"
-    if path is None and Path(model).is_dir() and run_config.exists():
-        path = run_config
-    return load_config(path, overrides)
+__all__ = ["FLUENT_NLL", "EvalInputError", "eval_config", "preference_eval", "reference_nll", "reward_scores", "run_eval", "score_judge"]
 
 
 def _resolve(name: str, cfg: RunConfig) -> str:
@@ -79,10 +81,8 @@ def _resolve(name: str, cfg: RunConfig) -> str:
 def _load_lm(path: str, cfg: RunConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    return model.to(device).eval()
+    return load_hf_model(AutoModelForCausalLM, path, device_map=cfg.eval.device_map, bf16=cfg.train.precision == "bf16",
+                         trust_remote_code=cfg.model.trust_remote_code)
 
 
 @torch.no_grad()
@@ -101,7 +101,6 @@ def preference_eval(cfg: RunConfig, policy_path: str, reference_path: str, token
     pad_id = tok.tokenizer.pad_token_id if tok.tokenizer.pad_token_id is not None else tok.tokenizer.eos_token_id
     policy = _load_lm(policy_path, cfg)
     reference = policy if reference_path == policy_path else _load_lm(reference_path, cfg)
-    device = next(policy.parameters()).device
     # Only safety-gap and both-safe pairs enter any accuracy (see EvalAccumulator).
     scored = [p for p in pairs if p["safety_gap"] or (p["chosen_safe"] and p["rejected_safe"])]
     acc = EvalAccumulator(cfg.num_categories)
@@ -109,9 +108,11 @@ def preference_eval(cfg: RunConfig, policy_path: str, reference_path: str, token
     for start in range(0, len(scored), cfg.eval.batch_size):
         chunk = scored[start : start + cfg.eval.batch_size]
         b = collate_pairs(tok({c: [p[c] for p in chunk] for c in columns}), pad_id=pad_id)
-        ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        pol, counts = sequence_logps(policy(input_ids=ids, attention_mask=attn).logits, ids, mask)
-        ref = pol if reference is policy else sequence_logps(reference(input_ids=ids, attention_mask=attn).logits, ids, mask)[0]
+        # Inputs go to each model's device; the [2B] results come back to the host, where the batch's
+        # category mask and safety flags are (they used to meet device tensors and crash on a GPU).
+        ids, attn, mask = b["input_ids"], b["attention_mask"], b["loss_mask"]
+        pol, counts = sequence_logps_of(policy, ids, attn, mask)
+        ref = pol if reference is policy else sequence_logps_of(reference, ids, attn, mask)[0]
         n = len(chunk)
         pb = PreferenceBatch(policy_chosen_logps=pol[:n], policy_rejected_logps=pol[n:], chosen_tokens=counts[:n],
                              rejected_tokens=counts[n:], ref_chosen_logps=ref[:n], ref_rejected_logps=ref[n:],
@@ -139,7 +140,6 @@ def reference_nll(cfg: RunConfig, model_path: str, tokenizer_path: str, prompts:
     tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model = _load_lm(model_path, cfg)
-    device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(prompts), cfg.eval.batch_size):
         seqs: list[tuple[list[int], int]] = []
@@ -156,8 +156,7 @@ def reference_nll(cfg: RunConfig, model_path: str, tokenizer_path: str, prompts:
         mask = torch.zeros_like(ids)
         for i, (seq, first) in enumerate(seqs):
             ids[i, : len(seq)], attn[i, : len(seq)], mask[i, first : len(seq)] = torch.tensor(seq), 1, 1
-        ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
-        logps, counts = sequence_logps(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        logps, counts = sequence_logps_of(model, ids, attn, mask)
         out += [(-lp / n) if n > 0 else float("inf") for lp, n in zip(logps.tolist(), counts.tolist())]
     return out
 
@@ -229,6 +228,24 @@ def _same_vocab(a: str, b: str) -> bool:
     return getattr(AutoConfig.from_pretrained(a), "vocab_size", None) == getattr(AutoConfig.from_pretrained(b), "vocab_size", None)
 
 
+def preflight(cfg: RunConfig, model: str) -> None:
+    """Everything that can be refused before a folder is made, a model loads or a request is sent.
+
+    Raises:
+        EvalInputError: ``model`` is a local folder that is not a model; the LLM judge would get its key
+            over plain HTTP to a non-loopback host without ``eval.allow_insecure_key``.
+    """
+    import os
+
+    check_model_dir(model)
+    e = cfg.eval
+    if e.generate and "llm" in e.judges and e.llm_base_url:
+        check_key_transport(e.llm_base_url, key_present=bool(os.environ.get(e.llm_api_key_env)),
+                            allow_insecure_key=e.allow_insecure_key, key_name=f"${e.llm_api_key_env}")
+    if cfg.model.trust_remote_code:
+        print("[eval] model.trust_remote_code=true: Python code shipped with the models will run", flush=True)
+
+
 def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | Path | None = None,
              backend: str = "auto", preference: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` and write the report; returns the ``report.json`` content.
@@ -245,6 +262,7 @@ def run_eval(cfg: RunConfig, *, model: str, data: str | None = None, out: str | 
     """
     from transformers.utils import logging as hf_logging
 
+    preflight(cfg, model)
     hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()
     if not torch.cuda.is_available():  # CPU: as many torch threads as a worker is granted (see generation.py)
@@ -265,7 +283,19 @@ def _evaluate(cfg: RunConfig, *, model: str, data: str | None, out: str | Path |
     local = Path(model).is_dir()
     default_out = Path(model) / "eval" if local else Path(f"eval-{model.replace('/', '--')}")
     out_dir = Path(out or cfg.eval.output_dir or default_out)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _evaluate_into(cfg, t0=t0, model=model, model_path=model_path, out_dir=out_dir, backend=backend,
+                              preference=preference)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed evaluation leaves no empty folder behind
+        raise
+
+
+def _evaluate_into(cfg: RunConfig, *, t0: float, model: str, model_path: str, out_dir: Path, backend: str,
+                   preference: bool) -> dict[str, Any]:
     tokenizer_path = model_path if cfg.model.tokenizer == "auto" else cfg.model.tokenizer
     reference = _resolve(cfg.eval.reference_model or cfg.model.name_or_path, cfg)
     if not _same_vocab(model_path, reference):
@@ -368,7 +398,7 @@ def reward_scores(cfg: RunConfig, prompts: Sequence[str], responses: Sequence[st
     classifier is refused, since its unsafe-label log-odds is no helpfulness score."""
     assert cfg.eval.reward_model is not None
     scorer = SequenceScorer(cfg.eval.reward_model, template=cfg.eval.classifier_template, batch_size=cfg.eval.batch_size,
-                            trust_remote_code=cfg.model.trust_remote_code)
+                            trust_remote_code=cfg.model.trust_remote_code, device_map=cfg.eval.device_map)
     labels = scorer.model.config.num_labels
     if labels != 1:
         raise ValueError(f"eval.reward_model={cfg.eval.reward_model!r} has {labels} labels; a reward model must "

@@ -11,19 +11,21 @@ quarantined.
 from __future__ import annotations
 
 import json
-import os
 import random
 import secrets
-import shutil
+import sys
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from catdpo_ray.config import RunConfig, to_yaml
-from catdpo_ray.data.loader import format_category_table, load_split
+from catdpo_ray.config import RunConfig, check_paths, load_config, to_yaml
+from catdpo_ray.data.loader import describe_dropped, dropped_per_epoch, format_category_table, load_split
+from catdpo_ray.train import faults
+from catdpo_ray.train.sinks import atomic_write_text
 
 #: Pair mode of the held-out split: always safety-aware, so every loss is scored on the same pairs.
 EVAL_PAIR_MODE = "safety_aware"
@@ -40,6 +42,8 @@ class PreparedData:
     model_path: str
     tokenizer_path: str
     report: dict[str, Any]
+    #: Extra entries for the workers' plan dict (e.g. the on-policy prompt pool).
+    worker_plan: dict[str, Any] = field(default_factory=dict)
 
 
 def unique_run_name(cfg: RunConfig) -> str:
@@ -48,26 +52,10 @@ def unique_run_name(cfg: RunConfig) -> str:
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Connect to ``scaling.ray_address`` / ``$RAY_ADDRESS``, or start a local cluster."""
-    import ray
+    """Kept for callers of ``train.driver.init_ray``; the helper lives in :mod:`catdpo_ray.ray_session`."""
+    from catdpo_ray.ray_session import init_ray as _init_ray
 
-    if ray.is_initialized():
-        return
-    import logging
-
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Deterministic row order through map_batches: same seed + same data = same batches.
-    ctx.execution_options.preserve_order = True
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    _init_ray(cfg)
 
 
 def resolve_model(cfg: RunConfig) -> tuple[str, str]:
@@ -81,13 +69,19 @@ def resolve_model(cfg: RunConfig) -> tuple[str, str]:
     return path, tok
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True) -> PreparedData:
-    """Read + validate + pair both splits on the driver, tokenize with Ray Data, materialise."""
-    import ray.data
+@dataclass
+class LoadedPairs:
+    """Both splits read, validated and paired on the driver (no Ray needed)."""
 
-    from catdpo_ray.data.tokenize import PairTokenizer
+    train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    train_report: Any
+    test_report: Any
 
-    model_path, tokenizer_path = resolve_model(cfg)
+
+def load_pairs(cfg: RunConfig, run_dir: Path, *, verbose: bool = True) -> LoadedPairs:
+    """Read + validate + pair both splits. Runs before Ray starts, so a bad or empty file is reported
+    at once (file, row, field), not after the cluster and the tokenizer have started."""
     require_categories = cfg.loss.name == "catdpo"
     quarantine = run_dir / "quarantine.jsonl"
     train_pairs, train_rep = load_split(
@@ -100,11 +94,23 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True) -> Prep
         print(f"[data] train {train_rep.describe()}")
         print(f"[data] test  {test_rep.describe()}")
         print("[data] train pairs per category:\n" + format_category_table(train_pairs, cfg.data.categories))
+    plan_steps(cfg, len(train_pairs))  # a split too small for one global batch is refused here, before Ray
+    return LoadedPairs(train_pairs, test_pairs, train_rep, test_rep)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True, loaded: LoadedPairs | None = None) -> PreparedData:
+    """Read + validate + pair both splits on the driver (unless ``loaded``), tokenize with Ray Data,
+    add the reference log-prob columns (the cached reference stage), materialise."""
+    import ray.data
+
+    from catdpo_ray.data.tokenize import PairTokenizer
+
+    model_path, tokenizer_path = resolve_model(cfg)
+    loaded = loaded or load_pairs(cfg, run_dir, verbose=verbose)
+    train_pairs, test_pairs = list(loaded.train), loaded.test
     if cfg.train.shuffle:  # the first epoch's order; later epochs reshuffle in the workers (worker.py)
         random.Random(cfg.train.seed).shuffle(train_pairs)
     world = cfg.data_parallel_size
-    if len(test_pairs) < world:
-        raise ValueError(f"the test split has {len(test_pairs)} pairs, fewer than the {world} workers")
 
     # One Ray Data pass for both splits: one tokenizer actor start-up (importing transformers is
     # most of the cost on small corpora), then a cheap columnar filter per split.
@@ -131,9 +137,53 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True) -> Prep
     if verbose:
         print(f"[data] tokenized {len(train_pairs)} + {len(test_pairs)} pairs in {time.perf_counter() - t0:.1f}s; "
               f"truncated pairs: train {truncated['train']}, test {truncated['test']}")
-    report = {"train": train_rep.to_dict(), "test": test_rep.to_dict(), "truncated": truncated,
-              "pair_mode": cfg.pair_mode, "test_pair_mode": EVAL_PAIR_MODE}
-    return PreparedData(train_ds, test_ds, len(train_pairs), len(test_pairs), model_path, tokenizer_path, report)
+    report: dict[str, Any] = {"train": loaded.train_report.to_dict(), "test": loaded.test_report.to_dict(),
+                              "truncated": truncated, "pair_mode": cfg.pair_mode, "test_pair_mode": EVAL_PAIR_MODE,
+                              "dropped_per_epoch": dropped_per_epoch(len(train_pairs), cfg.global_batch_size)}
+    train_ds, test_ds, report["reference"] = _reference_stage(cfg, train_ds, test_ds, model_path, tokenizer_path,
+                                                              verbose=verbose)
+    worker_plan = _onpolicy_plan(cfg, train_pairs)
+    return PreparedData(train_ds, test_ds, len(train_pairs), len(test_pairs), model_path, tokenizer_path, report,
+                        worker_plan)
+
+
+def _reference_stage(cfg: RunConfig, train_ds: Any, test_ds: Any, model_path: str, tokenizer_path: str, *,
+                     verbose: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Reference log-prob columns (the cached Ray Data stage, :mod:`catdpo_ray.data.reference`).
+
+    ``precompute``: both splits. ``none`` (reference-free losses): the test split only, so that the
+    held-out evaluation still scores against the true reference while the workers load none.
+    ``online``: neither (the workers' frozen reference engine scores both, as before).
+    """
+    from catdpo_ray.data.reference import add_reference_columns, resolve_reference_mode
+
+    mode = resolve_reference_mode(cfg)
+    info: dict[str, Any] = {"mode": mode}
+    common = {"model_path": model_path, "tokenizer_path": tokenizer_path,
+              "micro_batch_size": max(16, cfg.train.micro_batch_size)}
+    if mode == "precompute":
+        train_ds, info["train"] = add_reference_columns(train_ds, cfg=cfg, split_name="train", **common)
+    if mode != "online" and (cfg.train.eval_before_after or cfg.train.eval_every):
+        # SimPO trains without a reference; its held-out implicit-reward accuracy still needs one.
+        eval_cfg = cfg if mode == "precompute" else cfg.replace({"loss.name": "dpo", "data.pairs": "safety_aware",
+                                                                  "model.reference": "precompute"})
+        test_ds, info["test"] = add_reference_columns(test_ds, cfg=eval_cfg, split_name="test", **common)
+    if verbose:
+        for split in ("train", "test"):
+            if split in info:
+                i = info[split]
+                print(f"[reference] {split}: {i['rows']} pairs, {'cache hit' if i['hit'] else 'computed'} in "
+                      f"{i['seconds']:.1f}s ({i['reason']})", flush=True)
+    return train_ds, test_ds, info
+
+
+def _onpolicy_plan(cfg: RunConfig, train_pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prompt pool of ``dual.violation=generation|blend`` (training prompts per category), for the workers."""
+    if cfg.dual.violation not in ("generation", "blend"):
+        return {}
+    from catdpo_ray.train.onpolicy import prompt_table
+
+    return {"onpolicy_prompts": prompt_table(train_pairs, list(cfg.data.categories), cfg.dual.generation_pool_per_category)}
 
 
 def _column_total(ds: Any, column: str) -> int:
@@ -155,16 +205,22 @@ def plan_steps(cfg: RunConfig, num_train_pairs: int) -> tuple[int, int]:
     return steps_per_epoch, total
 
 
-def make_controller(cfg: RunConfig) -> Any:
-    """The MarginController actor, pinned to the driver's node, holding no CPU."""
+def make_controller(cfg: RunConfig, run_id: str) -> Any:
+    """The MarginController actor, pinned to the driver's node, holding no CPU.
+
+    ``max_restarts=-1``: if the actor dies, Ray re-creates it (empty); rank 0 notices on its next call
+    and re-seeds it from its mirror of the last state (see :class:`catdpo_ray.train.controller.ControllerLink`),
+    so the run goes on instead of ending with ``ActorDiedError``. Calls in flight are retried.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from catdpo_ray.train.controller import MarginController
 
     node = ray.get_runtime_context().get_node_id()
-    actor_cls = ray.remote(num_cpus=0)(MarginController)
-    return actor_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MarginController)
+    return actor_cls.options(name=controller_name(run_id), scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                             ).remote(
         list(cfg.data.categories),
         eta=cfg.dual.eta,
         epsilon=cfg.dual.epsilon,
@@ -174,9 +230,15 @@ def make_controller(cfg: RunConfig) -> Any:
     )
 
 
+def controller_name(run_id: str) -> str:
+    """The controller actor's name (tests find it by this to kill it)."""
+    return f"catdpo-controller-{run_id}"
+
+
 def build_trainer(cfg: RunConfig, data: PreparedData, plan: dict[str, Any], controller: Any, run_name: str,
                   storage: str, callbacks: list[Any] | None = None) -> Any:
     import ray.train
+    from ray.train import DataConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from catdpo_ray.train.worker import train_loop_per_worker
@@ -200,6 +262,9 @@ def build_trainer(cfg: RunConfig, data: PreparedData, plan: dict[str, Any], cont
             callbacks=callbacks or [],
         ),
         datasets={"train": data.train, "test": data.test},
+        # Only the training split is sharded; every rank sees the whole test split and scores its own
+        # strided share, so no held-out pair is dropped (RAY_DEEPSPEED_NOTES.md pitfall 14).
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -212,11 +277,27 @@ def storage_location(cfg: RunConfig) -> str:
     return str(Path(path or Path(cfg.output.dir) / "ray_storage").resolve())
 
 
+def run_identity(run_dir: Path) -> str:
+    """The run's id (``run.json``), created on its first start: checkpoints are tied to it, so a
+    storage folder holding another run's checkpoints under the same name is never loaded."""
+    path = run_dir / "run.json"
+    if path.exists():
+        return str(json.loads(path.read_text())["run_id"])
+    run_id = uuid.uuid4().hex[:16]
+    atomic_write_text(path, json.dumps({"run_id": run_id, "created": datetime.now(timezone.utc).isoformat()}))
+    return run_id
+
+
 @dataclass
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     error: BaseException | None
+
+
+def resume_command(cfg: RunConfig, run_dir: Path) -> str:
+    """The exact command that resumes this run."""
+    return f"catdpo-ray train --config {run_dir / 'config.yaml'} output.name={run_dir.name} output.dir={run_dir.parent}"
 
 
 def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
@@ -227,14 +308,22 @@ def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
     steps_per_epoch, total = plan_steps(cfg, data.num_train_pairs)
     storage = storage_location(cfg)
     local_root = run_dir if "://" in storage else Path(storage) / run_name
+    run_id = run_identity(run_dir)
     plan = {"model_path": data.model_path, "tokenizer_path": data.tokenizer_path, "steps_per_epoch": steps_per_epoch,
-            "total_steps": total, "run_name": run_name, "local_checkpoint_dir": str(local_root / "local_checkpoints")}
-    controller = make_controller(cfg)
+            "total_steps": total, "run_name": run_name, "run_id": run_id, "num_train_pairs": data.num_train_pairs,
+            "num_test_pairs": data.num_test_pairs, "local_checkpoint_dir": str(local_root / "local_checkpoints"),
+            "storage_run_dir": None if "://" in storage else str(Path(storage) / run_name),
+            "final_dir": str(run_dir / "final"), "fault": faults.from_environment(), **data.worker_plan}
+    controller = make_controller(cfg, run_id)
     trainer = build_trainer(cfg, data, plan, controller, run_name, storage, callbacks)
     sinks = MetricSinks(cfg, run_dir, total)
+    dropped = dropped_per_epoch(data.num_train_pairs, cfg.global_batch_size)
     print(f"[train] {cfg.loss.name} on {cfg.scaling.num_workers} worker(s), ZeRO-{cfg.train.zero_stage} "
           f"{cfg.train.precision}; global batch {cfg.global_batch_size} pairs; {total} steps "
-          f"({steps_per_epoch}/epoch); run {run_name}", flush=True)
+          f"({steps_per_epoch}/epoch); reference {data.report.get('reference', {}).get('mode', 'online')}; "
+          f"run {run_name}", flush=True)
+    if (msg := describe_dropped(data.num_train_pairs, cfg.global_batch_size)):
+        print(f"[data] {msg}", flush=True)
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -246,57 +335,154 @@ def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
     t0 = time.perf_counter()
     thread = threading.Thread(target=target, name="catdpo-fit", daemon=True)
     thread.start()
-    import ray
-
-    while thread.is_alive():
-        thread.join(timeout=1.0)
-        for row in ray.get(controller.drain.remote()):
-            sinks.handle(row)
-    for row in ray.get(controller.drain.remote()):
-        sinks.handle(row)
+    interrupted = False
+    try:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            _drain(controller, sinks)
+        _drain(controller, sinks)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\n[train] interrupted (Ctrl-C): stopping the workers ...", file=sys.stderr, flush=True)
+        _drain(controller, sinks, final=True)
     sinks.close()
     wall = time.perf_counter() - t0
     error = outcome.get("error")
     result = outcome.get("result")
     if error is None and result is not None and getattr(result, "error", None) is not None:
         error = result.error
-    summary: dict[str, Any] = {"run_name": run_name, "wall_time_s": wall, "total_steps": total,
-                               "steps_per_epoch": steps_per_epoch, "data": data.report,
-                               "last_step": sinks.last_step, "final_eval": sinks.last_eval,
-                               "status": "failed" if error is not None else "finished"}
-    if error is None and result is not None and result.checkpoint is not None and cfg.output.save_final:
-        _export_final(result.checkpoint, run_dir, cfg, sinks)
-    if error is not None:
+    status = "interrupted" if interrupted else ("failed" if error is not None else "finished")
+    summary: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "wall_time_s": wall, "total_steps": total,
+                               "steps_per_epoch": steps_per_epoch, "trailing_pairs_skipped_per_epoch": dropped,
+                               "data": data.report, "last_step": sinks.last_step, "final_eval": sinks.last_eval,
+                               "status": status}
+    if interrupted:
+        error = KeyboardInterrupt()
+        summary["resume_command"] = resume_command(cfg, run_dir)
+        summary["error"] = "interrupted by the user (Ctrl-C)"
+    elif error is not None:
         summary["error"] = f"{type(error).__name__}: {error}"
+    elif cfg.output.save_final:
+        _finish_export(run_dir, cfg, sinks)
     from catdpo_ray.eval.report import write_run_outputs
 
-    write_run_outputs(run_dir, cfg, summary)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if not interrupted:
+        write_run_outputs(run_dir, cfg, summary)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    if interrupted:
+        print(f"[train] stopped at step {(sinks.last_step or {}).get('step', 0)}; checkpoints are kept. Resume with:\n"
+              f"  {summary['resume_command']}", file=sys.stderr, flush=True)
     return RunResult(run_dir, summary, error)
 
 
-def _export_final(checkpoint: Any, run_dir: Path, cfg: RunConfig, sinks: Any) -> None:
+def _drain(controller: Any, sinks: Any, *, final: bool = False) -> None:
+    """Move the controller's pending rows into the sinks; tolerate a controller being restarted."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        rows = ray.get(controller.drain.remote(), timeout=5.0 if final else 60.0)
+    except (RayActorError, ray.exceptions.GetTimeoutError):
+        return  # restarted or busy: the rows are replayed by rank 0 and drained next time
+    for row in rows:
+        sinks.handle(row)
+
+
+def _finish_export(run_dir: Path, cfg: RunConfig, sinks: Any) -> None:
+    """The workers wrote ``final/`` (sharded safetensors, tokenizer); add the model card."""
     from catdpo_ray.eval.report import model_card
 
     final = run_dir / "final"
-    with checkpoint.as_directory() as d:
-        src = Path(d) / "hf_model"
-        if not src.exists():
-            raise FileNotFoundError(f"the final checkpoint {d} has no hf_model/ export")
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(src, final)
-    (final / "README.md").write_text(model_card(cfg, sinks.last_step, sinks.last_eval))
+    if not (final / "config.json").exists():
+        raise FileNotFoundError(f"the run finished but {final} holds no exported model (config.json missing)")
+    atomic_write_text(final / "README.md", model_card(cfg, sinks.last_step, sinks.last_eval))
 
 
 def run_training(cfg: RunConfig) -> RunResult:
-    """``catdpo-ray train``: the whole main job."""
+    """``catdpo-ray train``: the whole main job.
+
+    A run directory that already holds a ``config.yaml`` is a resume: the new config must agree with it
+    on every key that may not change (:func:`catdpo_ray.train.resume.check_resume`), checked here before
+    Ray starts; the original ``config.yaml`` is never overwritten, resumable changes are recorded beside
+    it (``resumes.jsonl``).
+    """
+    from catdpo_ray.train.console import setup_console
+    from catdpo_ray.train.resume import check_resume, record_resume
+
+    check_paths(cfg)  # model / tokenizer / data paths, before anything is written or started
     run_name = cfg.output.name or unique_run_name(cfg)
     run_dir = Path(cfg.output.dir).resolve() / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        saved = load_config(saved_path).to_dict()
+        changes = check_resume(saved, cfg.to_dict(), run_name=run_name)  # raises ResumeRefused naming each key
+        record_resume(run_dir, changes, newest_checkpoint_step(cfg, run_dir, run_name))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved_path, to_yaml(cfg))
+    setup_console(run_dir)
+    loaded = load_pairs(cfg, run_dir)  # bad/empty files are reported before Ray starts
     init_ray(cfg)
-    data = prepare_data(cfg, run_dir)
-    (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
-    result = fit_run(cfg, data, run_dir, run_name)
-    return result
+    data = prepare_data(cfg, run_dir, loaded=loaded)
+    atomic_write_text(run_dir / "data_report.json", json.dumps(data.report, indent=2))
+    preflight(cfg, data.model_path)
+    return fit_run(cfg, data, run_dir, run_name)
+
+
+def newest_checkpoint_step(cfg: RunConfig, run_dir: Path, run_name: str) -> int:
+    """The step of the newest checkpoint on disk for this run (0 if none; URI storage: -1, unknown).
+    Informational (``resumes.jsonl``): the workers verify and choose, and log what they loaded."""
+    from catdpo_ray.train.checkpointing import STATE_FILE
+
+    storage = storage_location(cfg)
+    if "://" in storage:
+        return -1
+    roots = [Path(storage) / run_name, Path(storage) / run_name / "local_checkpoints", run_dir / "local_checkpoints"]
+    steps = [0]
+    for root in roots:
+        for state in root.glob(f"checkpoint_*/{STATE_FILE}"):
+            try:
+                steps.append(int(json.loads(state.read_text())["step"]))
+            except (OSError, ValueError, KeyError):
+                continue
+    return max(steps)
+
+
+def preflight(cfg: RunConfig, model_path: str) -> None:
+    """Before GPU workers start: plan the job's memory (``catdpo-ray plan``) against the GPUs Ray can
+    give, and refuse (``scaling.plan_check=refuse``) or warn about a job that cannot fit."""
+    if not cfg.scaling.use_gpu or cfg.scaling.plan_check == "off":
+        return
+    from catdpo_ray.plan import Hardware, format_plan
+    from catdpo_ray.plan import preflight as plan_preflight
+
+    gpu_memory, gpus_per_node = probe_gpus()
+    result = plan_preflight(cfg, model_path, Hardware(gpu_memory=gpu_memory, gpus_per_node=gpus_per_node))
+    if result.fits:
+        print(f"[plan] fits: {result.plan.device_total / 2**30:.1f} GiB planned per GPU of {gpu_memory / 2**30:.1f} GiB",
+              flush=True)
+        return
+    text = format_plan(result)
+    if cfg.scaling.plan_check == "refuse":
+        raise PlanRefused(f"the job does not fit the GPUs (scaling.plan_check=refuse; scaling.plan_check=warn runs it "
+                          f"anyway):\n{text}")
+    print(f"[plan] WARNING: the job may not fit (scaling.plan_check=warn):\n{text}", flush=True)
+
+
+class PlanRefused(RuntimeError):
+    """The memory plan says the job cannot fit (``scaling.plan_check=refuse``)."""
+
+
+def probe_gpus() -> tuple[int, int]:
+    """(memory of one GPU in bytes, GPUs per node) as Ray sees the cluster (a remote task: the head node
+    may have no GPU)."""
+    import ray
+
+    def total_memory() -> int:
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+
+    memory = ray.get(ray.remote(num_gpus=1)(total_memory).remote())
+    per_node = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return memory, max([g for g in per_node if g > 0] or [1])

@@ -1,35 +1,131 @@
 """Driver-side metric sinks: metrics.jsonl, lambdas.csv, TensorBoard, MLflow / W&B, progress lines.
 
-Rows arrive from the MarginController (``kind`` = step | eval | checkpoint | resume | warning).
-On a ``resume`` row the files are cut back to the resumed step, so a restarted run never shows
-steps twice and never shows steps newer than the checkpoint it resumed from.
+Rows arrive from the MarginController (``kind`` = step | eval | checkpoint | resume | reset |
+warning). On a ``resume`` row the files are cut back to the resumed step, so a restarted run never
+shows steps twice and never shows steps newer than the checkpoint it resumed from. A ``reset`` row
+(or a ``resume`` at step 0) means the workers restarted with no checkpoint: training starts over,
+so both files are cut back to nothing but the CSV header.
+
+Crash safety: the files are append-only while the run goes; a write cut off mid-line (disk full,
+kill) leaves a torn last line. Opening the sinks and every cut-back drop torn lines (counted, and
+said on the console) and rewrite the file atomically (temp file + ``os.replace``), so a run is
+always resumable and a reader never sees a half-rewritten file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import os
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
 from catdpo_ray.config import RunConfig
 
+#: Steps in the moving average of step times behind the ETA.
+ETA_WINDOW = 20
 
-def _truncate_jsonl(path: Path, max_step: int) -> None:
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` beside ``path``, fsync, then ``os.replace``: readers (and a crash) see the
+    old file or the whole new one, never a part. Use it for summary.json, config.yaml,
+    data_report.json and every other file the run rewrites."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> tuple[int, int]:
+    """Keep the rows with ``step <= max_step``; drop torn (unparsable) lines.
+
+    Returns:
+        ``(rows dropped for their step, torn lines dropped)``.
+    """
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
-    path.write_text("".join(line + "\n" for line in keep))
+        return 0, 0
+    keep, later, torn = [], 0, 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row.get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            torn += 1
+            continue
+        if step <= max_step:
+            keep.append(line)
+        else:
+            later += 1
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return later, torn
 
 
-def _truncate_csv(path: Path, max_step: int) -> None:
+def _truncate_csv(path: Path, max_step: int, header: list[str]) -> tuple[int, int]:
+    """Keep ``header`` and the rows with ``step <= max_step``; drop torn rows (wrong column count,
+    unparsable numbers, or a last line without its newline).
+
+    Returns:
+        ``(rows dropped for their step, torn rows dropped)``.
+    """
     if not path.exists():
-        return
-    rows = list(csv.reader(path.open()))
-    keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= max_step]
-    with path.open("w", newline="") as fh:
-        csv.writer(fh).writerows(keep)
+        atomic_write_text(path, _csv_text([header]))
+        return 0, 0
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    complete = text.endswith(("\n", "\r"))  # csv ends rows with \r\n: a cut after \r lost no data
+    keep, later, torn = [header], 0, 0
+    for i, row in enumerate(csv.reader(lines[1:]), start=1):
+        try:
+            if len(row) != len(header) or (i == len(lines) - 1 and not complete):
+                raise ValueError("torn")
+            step = int(row[0])
+            _ = [float(x) for x in row[1:]]  # every λ must parse
+        except ValueError:
+            torn += 1
+            continue
+        if step <= max_step:
+            keep.append(row)
+        else:
+            later += 1
+    if lines and next(csv.reader([lines[0]]), []) != header:
+        torn += 1  # a torn header (crash during the very first write) is rewritten
+    atomic_write_text(path, _csv_text(keep))
+    return later, torn
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``1m05s``, ``2h07m``; ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class MetricSinks:
@@ -43,9 +139,11 @@ class MetricSinks:
         self.categories = list(cfg.data.categories)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.lambdas_path = run_dir / "lambdas.csv"
-        if not self.lambdas_path.exists():
-            with self.lambdas_path.open("w", newline="") as fh:
-                csv.writer(fh).writerow(["step", *self.categories])
+        self._step_times: deque[float] = deque(maxlen=ETA_WINDOW)
+        self._warned: dict[str, int] = {}
+        # A rerun of an existing run directory: repair torn last lines before anything is appended
+        # to them (an append after a torn line would glue two rows into one unreadable line).
+        self._cut_back(max_step=sys.maxsize, why="")
         self.last_eval: dict[str, Any] | None = None
         self.last_step: dict[str, Any] | None = None
         self._tb = None
@@ -70,14 +168,19 @@ class MetricSinks:
 
     def handle(self, row: dict[str, Any]) -> None:
         kind = row.get("kind")
-        if kind == "resume":
-            _truncate_jsonl(self.metrics_path, row["step"])
-            _truncate_csv(self.lambdas_path, row["step"])
-            self._print(f"resumed from the checkpoint at step {row['step']} with the saved lambda", force=True)
+        if kind == "reset" or (kind == "resume" and row["step"] == 0):
+            self._step_times.clear()
+            self.last_step = self.last_eval = None
+            self._cut_back(max_step=-1, why="restarted from step 0 (no checkpoint was restored)")
+        elif kind == "resume":
+            self._step_times.clear()
+            self._cut_back(max_step=row["step"], why=f"resumed from the checkpoint at step {row['step']} with the saved lambda")
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if kind == "step":
             self.last_step = row
+            if row.get("step_time_s"):
+                self._step_times.append(float(row["step_time_s"]))
             with self.lambdas_path.open("a", newline="") as fh:
                 csv.writer(fh).writerow([row["step"], *(repr(x) for x in row["lambdas"])])
             self._scalars(row["step"], _numeric(row, prefix="train/"))
@@ -97,16 +200,46 @@ class MetricSinks:
         elif kind == "checkpoint":
             self._print(f"checkpoint saved at step {row['step']}{' (final)' if row.get('final') else ''}", force=True)
         elif kind == "warning":
-            self._print(f"WARNING at step {row['step']}: {row['message']}", force=True)
+            # Shown once per distinct message; repeats stay in metrics.jsonl and are counted at close.
+            seen = self._warned.get(row["message"], 0)
+            self._warned[row["message"]] = seen + 1
+            if not seen:
+                self._print(f"WARNING at step {row['step']}: {row['message']}", force=True)
+
+    def _cut_back(self, *, max_step: int, why: str) -> None:
+        """Cut both files back to ``max_step`` (dropping torn lines) and say what happened."""
+        later_m, torn_m = _truncate_jsonl(self.metrics_path, max_step)
+        later_l, torn_l = _truncate_csv(self.lambdas_path, max_step, ["step", *self.categories])
+        notes = [f"{name}: dropped {n} torn line{'s' * (n != 1)} (a write was cut off, e.g. disk full or a kill)"
+                 for name, n in (("metrics.jsonl", torn_m), ("lambdas.csv", torn_l)) if n]
+        if why:
+            cut = max(later_m, later_l)
+            if max_step < 0:
+                if later_m or later_l:  # silent on a fresh run's first start: nothing to reset
+                    notes.insert(0, f"{why}: metrics.jsonl and lambdas.csv reset ({later_m} rows removed)")
+            else:
+                notes.insert(0, why + (f"; removed {cut} newer step rows of the interrupted attempt" if cut else ""))
+        for note in notes:
+            self._print(note, force=True)
+
+    def eta_seconds(self, step: int) -> float:
+        """Remaining steps x the mean of the last :data:`ETA_WINDOW` step times (training time
+        only: evaluations and checkpoints add to it); NaN before the first timed step."""
+        if not self._step_times:
+            return float("nan")
+        return (self.total_steps - step) * sum(self._step_times) / len(self._step_times)
 
     def _progress_line(self, row: dict[str, Any]) -> str:
-        worst = sorted(zip(self.categories, row["lambdas"]), key=lambda t: -t[1])[:3]
-        worst_txt = ", ".join(
-            f"{c} λ={lam:.2f} v={row['violation_rate'].get(c) or 0:.2f}" for c, lam in worst
+        """``step 12/100 | loss 0.6931 | acc 0.62 | 10.3 pairs/s | lr 4.50e-04 | ETA 1m05s | top λ: Violence 0.42 (v 0.30), ...``"""
+        top = sorted(zip(self.categories, row["lambdas"]), key=lambda t: -t[1])[:3]
+        rates = row.get("violation_rate") or {}
+        top_txt = ", ".join(
+            f"{c} {lam:.2f}" + (f" (v {rates[c]:.2f})" if rates.get(c) is not None else "") for c, lam in top
         )
         return (
             f"step {row['step']}/{self.total_steps} | loss {row['loss']:.4f} | acc {row['reward_acc']:.2f} | "
-            f"{row['pairs_per_s']:.1f} pairs/s {row['tokens_per_s']:.0f} tok/s | lr {row['lr']:.2e} | top λ: {worst_txt}"
+            f"{row['pairs_per_s']:.1f} pairs/s | lr {row['lr']:.2e} | ETA {format_duration(self.eta_seconds(row['step']))} | "
+            f"top λ: {top_txt}"
         )
 
     def _print(self, text: str, force: bool = False) -> None:
@@ -122,6 +255,9 @@ class MetricSinks:
             self._wandb.log(values, step=step)
 
     def close(self) -> None:
+        repeats = {m: n - 1 for m, n in self._warned.items() if n > 1}
+        for message, n in repeats.items():
+            self._print(f"(the warning {message!r} repeated {n} more time{'s' * (n != 1)}; see metrics.jsonl)", force=True)
         if self._tb is not None:
             self._tb.close()
         if self._mlflow is not None:

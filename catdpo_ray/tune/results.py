@@ -195,8 +195,8 @@ def write_sweep_outputs(sweep_dir: Path, cfg: RunConfig, axes: Mapping[str, list
         writer.writeheader()
         writer.writerows(rows)
     for row in rows:  # each run directory says how its trial ended (ASHA-stopped ones have no summary.json)
-        run_dir = Path(row["run_dir"])
-        if run_dir.is_dir():
+        run_dir = Path(row["run_dir"]) if row.get("run_dir") else None  # Path("") would be the working directory
+        if run_dir is not None and run_dir.is_dir():
             (run_dir / "trial.json").write_text(json.dumps(_json_safe(row), indent=2))
     best = pick_best(rows, cfg.tune.mode)
     best_path: Path | None = None

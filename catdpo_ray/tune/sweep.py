@@ -70,11 +70,13 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     import ray
     from ray import tune
 
-    from catdpo_ray.train.driver import init_ray, plan_steps, prepare_data, storage_location
+    from catdpo_ray.config import check_paths
+    from catdpo_ray.train.driver import init_ray, load_pairs, plan_steps, prepare_data, storage_location
 
     t0 = time.perf_counter()
     axes = search_axes(cfg)
     check_axes(cfg, axes)
+    check_paths(cfg)
     sweep_dir = Path(cfg.output.dir).resolve() / _sweep_name(cfg)
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"tune.name={cfg.tune.name!r}: {sweep_dir} already holds a sweep; choose another name "
@@ -83,8 +85,9 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     trials_dir.mkdir(parents=True, exist_ok=True)
     storage = f"{storage_location(cfg)}/{sweep_dir.name}" if cfg.output.storage_path else str(sweep_dir / "ray")
 
+    loaded = load_pairs(cfg, sweep_dir)  # bad or empty data files are reported before Ray starts
     init_ray(cfg)
-    data = prepare_data(cfg, sweep_dir)
+    data = prepare_data(cfg, sweep_dir, loaded=loaded)
     (sweep_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
     _, total_steps = plan_steps(cfg, data.num_train_pairs)
     if cfg.tune.asha and cfg.train.eval_every == 0:

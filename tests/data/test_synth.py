@@ -24,12 +24,14 @@ from catdpo_ray.data.synth import (
     BUNDLED_TEST_ROWS,
     BUNDLED_TRAIN_ROWS,
     CATEGORY_SPECS,
+    LENGTH_SPREADS,
     SAMPLE_DIR,
     generate_corpus,
     generate_splits,
     main,
     pair_type,
     row_categories,
+    spread_lengths,
     summarize,
     write_jsonl,
 )
@@ -260,3 +262,38 @@ def test_is_refusal_and_is_redirect() -> None:
     assert not is_refusal("Sure, here is how to kill a python process: run kill -9 with its id.")
     assert is_redirect("Please contact a local vet about it.")
     assert not is_redirect("You could simply stab him in a dark alley.")
+
+
+# ---- the opt-in length spread
+
+
+def test_length_spread_extends_responses_with_a_long_tail_and_keeps_labels() -> None:
+    base, _ = generate_splits(800, 0, 5, test_floor=0)
+    spread, _ = generate_splits(800, 0, 5, test_floor=0, length_spread="realistic")
+    assert spread == spread_lengths(base, 5) and spread != base
+    words = []
+    for old, new in zip(base, spread):
+        for i in (0, 1):
+            text = new[f"response_{i}"]
+            assert text.startswith(old[f"response_{i}"])  # extended, never cut: the labelled content stays
+            assert new[f"response_{i}_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+            assert detect_harm(text) == _flagged(old, i)  # the elaborations carry no harm marker ...
+            assert is_refusal(text) == is_refusal(old[f"response_{i}"])  # ... and no refusal or redirect
+            assert is_redirect(text) == is_redirect(old[f"response_{i}"])
+            words.append(len(text.split()))
+        texts = {f"response_{i}{suffix}" for i in (0, 1) for suffix in ("", "_sha256")}
+        assert list(new) == list(old) and {k: new[k] for k in new if k not in texts} == {k: old[k] for k in old if k not in texts}
+    words.sort()
+    n = len(words)
+    assert words[0] <= 8 and words[-1] >= 300  # a few words to several hundred
+    assert 25 <= words[n // 2] <= 45 and 0.05 <= sum(w > 100 for w in words) / n <= 0.15
+
+
+def test_length_spread_cli_and_bad_value(tmp_path: Path) -> None:
+    assert LENGTH_SPREADS == ("none", "realistic")
+    assert main(["--out", str(tmp_path), "--train", "40", "--test", "10", "--seed", "3", "--test-floor", "1",
+                 "--length-spread", "realistic"]) == 0
+    assert (_read(tmp_path / "train.jsonl"), _read(tmp_path / "test.jsonl")) == generate_splits(
+        40, 10, 3, test_floor=1, length_spread="realistic")
+    with pytest.raises(ValueError, match=r"length_spread must be one of \('none', 'realistic'\), got 'long'"):
+        generate_splits(4, 0, 0, length_spread="long")

@@ -93,7 +93,7 @@ def test_sampling_is_seeded(tiny_model_dir: str) -> None:
 
 
 def test_ray_data_actor_pool_matches_in_process(tiny_model_dir: str) -> None:
-    from catdpo_ray.train.driver import init_ray
+    from catdpo_ray.ray_session import init_ray
 
     cfg = load_config(None, ["eval.max_new_tokens=12", "eval.batch_size=2", "scaling.num_workers=1"])
     local, used_local = generate_responses(cfg, tiny_model_dir, PROMPTS, backend="local")

@@ -70,7 +70,7 @@ class JudgeServer:
     fenced code block, as real judge models do.
     """
 
-    def __init__(self, key: str, benign_prompts: set[str] | None = None) -> None:
+    def __init__(self, key: str, benign_prompts: set[str] | None = None, host: str = "127.0.0.1") -> None:
         self.key, self.benign = key, benign_prompts or set()
         self.requests: list[dict[str, Any]] = []
         server = self
@@ -93,12 +93,13 @@ class JudgeServer:
                 self.end_headers()
                 self.wfile.write(payload.encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = host
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        return f"http://{self.host}:{self.httpd.server_address[1]}/v1"
 
     def verdict(self, messages: list[dict[str, str]], n: int) -> str:
         user = messages[-1]["content"]

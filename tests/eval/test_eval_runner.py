@@ -26,7 +26,8 @@ API_KEY = "sk-e2e-7d3a91c4b2"
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from catdpo_ray.train.driver import fit_run, init_ray, prepare_data
+    from catdpo_ray.ray_session import init_ray
+    from catdpo_ray.train.driver import fit_run, prepare_data
 
     tmp = tmp_path_factory.mktemp("eval_runs")
     train, test = small_corpus(tmp, 96, 80)
@@ -57,7 +58,9 @@ def judge_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[JudgeServer]:
 def test_offline_preference_equals_the_trainers_final_eval(runs: dict[str, Path], tmp_path: Path) -> None:
     """Same weights, same pairs, same tokenization: the eval CLI's accuracies are the trainer's."""
     final = runs["catdpo"] / "final"
-    report = run_eval(eval_config(str(final), None, ["eval.generate=false"]), model=str(final), out=tmp_path)
+    # --run-config: the run's data, prompt format and categories (the default config would use other pairs)
+    cfg = eval_config(str(final), None, ["eval.generate=false"], run_config=True)
+    report = run_eval(cfg, model=str(final), out=tmp_path)
     trainer = preference_block(json.loads((runs["catdpo"] / "summary.json").read_text())["final_eval"])
     for key in ("likelihood", "implicit", "ref_likelihood"):
         assert report["preference"][key]["per_category"] == pytest.approx(trainer[key]["per_category"]), key
