@@ -204,17 +204,6 @@ class DualConfig:
     blend_weight: float = 0.5
     blend_offline: Literal["soft", "hard", "likelihood"] = "soft"
 
-    def __post_init__(self) -> None:
-        """Range checks of the on-policy options (each names its key)."""
-        for name in ("generation_every", "generation_prompts_per_category", "generation_pool_per_category",
-                     "generation_max_new_tokens", "generation_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"dual.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.generation_temperature < 0:
-            raise ConfigError(f"dual.generation_temperature: must be >= 0, got {self.generation_temperature}")
-        if not 0.0 <= self.blend_weight <= 1.0:
-            raise ConfigError(f"dual.blend_weight: must be in [0, 1], got {self.blend_weight}")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -292,6 +281,8 @@ class OutputConfig:
     num_checkpoints_to_keep: int = 2
     max_failures: int = 0
     save_final: bool = True
+    #: Largest safetensors shard of the exported ``final/`` (e.g. ``5GB``, ``2GiB``); more shards get an index.
+    max_shard_size: str = "5GB"
 
 
 @dataclass(frozen=True)
@@ -752,6 +743,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.judges: unknown judge {unknown_judges[0]!r}; choose from ['classifier', 'llm', 'rule']")
     if "classifier" in cfg.eval.judges and not cfg.eval.classifier_model:
         raise ConfigError("eval.judges has 'classifier' but eval.classifier_model is not set")
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*", cfg.output.max_shard_size):
+        raise ConfigError(f"output.max_shard_size: {cfg.output.max_shard_size!r} is not a size like 5GB, 2GiB or 500MB")
+    if cfg.dual.violation in ("generation", "blend"):
+        if cfg.dual.generation_judge == "classifier" and not cfg.eval.classifier_model:
+            raise ConfigError("dual.generation_judge=classifier needs eval.classifier_model")
+        if cfg.dual.generation_judge == "llm" and not cfg.eval.llm_base_url:
+            raise ConfigError("dual.generation_judge=llm needs eval.llm_base_url")
     if "llm" in cfg.eval.judges and not cfg.eval.llm_base_url:
         raise ConfigError("eval.judges has 'llm' but eval.llm_base_url is not set")
 

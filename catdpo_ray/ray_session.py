@@ -49,8 +49,13 @@ def init_ray(cfg: RunConfig) -> None:
     # Deterministic row order through map_batches: same seed + same data = same batches.
     ctx.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from catdpo_ray.train.console import worker_env
+
     address = ray_address(cfg)
+    # Quiet framework start-up in every worker (transformers advisories, DeepSpeed's accelerator notice).
+    runtime_env = {"env_vars": worker_env(use_gpu=cfg.scaling.use_gpu)}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING",
+                 runtime_env=runtime_env)

@@ -29,6 +29,7 @@ import torch
 from catdpo_ray.config import RunConfig
 from catdpo_ray.train import dist as D
 from catdpo_ray.train.faults import maybe_fail
+from catdpo_ray.train.sinks import atomic_write_text
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "catdpo_state.json"
@@ -57,6 +58,8 @@ class Restored:
     dual_state: dict[str, Any] | None = None
     from_checkpoint: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    #: Worker-side state saved beside the dual state (e.g. the on-policy signal's held rates), every rank.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -157,7 +160,7 @@ def restore(engine: Any, cfg: RunConfig, plan: dict[str, Any], device: torch.dev
     if rejected:
         info["rejected_checkpoints"] = rejected
     return Restored(step=int(state["step"]), dual_state=state["dual"] if rank == 0 else None, from_checkpoint=True,
-                    info=info)
+                    info=info, extra=state.get("extra", {}))
 
 
 def _optimizer_steps(engine: Any) -> float:
@@ -173,7 +176,7 @@ def _local_checkpoints(root: Path) -> list[Path]:
 
 
 def save(engine: Any, cfg: RunConfig, plan: dict[str, Any], link: Any, step: int, metrics: dict[str, Any], *,
-         final: bool) -> None:
+         final: bool, extra: dict[str, Any] | None = None) -> None:
     """Every rank saves its shard and its manifest (rank 0 adds the state), then all report.
 
     Ray-managed workers stage under the system temp dir and Ray copies the staged folder into the run's
@@ -202,8 +205,9 @@ def save(engine: Any, cfg: RunConfig, plan: dict[str, Any], link: Any, step: int
         if rank == 0:
             state = {"step": step, "dual": link.state_dict(), "categories": list(cfg.data.categories),
                      "steps_per_epoch": plan["steps_per_epoch"], "num_train_pairs": plan["num_train_pairs"],
-                     "run": plan["run_name"], "run_id": plan["run_id"], "config": cfg.to_dict(), "final": final}
-            (tmp / STATE_FILE).write_text(json.dumps(state))
+                     "run": plan["run_name"], "run_id": plan["run_id"], "config": cfg.to_dict(), "final": final,
+                     "extra": extra or {}}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state))
         write_manifest(tmp, run_id=plan["run_id"], step=step, rank=rank, world_size=world, extra={"tag": CKPT_TAG})
         D.barrier()
         if local:
@@ -227,13 +231,19 @@ def save(engine: Any, cfg: RunConfig, plan: dict[str, Any], link: Any, step: int
         link.record({"kind": "checkpoint", "step": step, "final": final})
 
 
-def export_final(models: Any, cfg: RunConfig, plan: dict[str, Any], tokenizer: Any) -> None:
+def export_final(models: Any, cfg: RunConfig, plan: dict[str, Any], tokenizer: Any, device: torch.device) -> None:
     """Collective: the final model, gathered a few layers at a time, straight into the run's ``final/``."""
     from catdpo_ray.train.export import export_hf_model
 
+    final = Path(plan["final_dir"])
+    # Rank 0 writes final/ itself: the run directory must be visible to it (shared storage on multi-node).
+    visible = torch.tensor([1.0 if final.parent.joinpath("config.yaml").exists() or D.rank() != 0 else 0.0])
+    if D.all_reduce(visible, device, op="min").item() == 0:
+        raise RuntimeError(f"rank 0 cannot see the run directory {final.parent} on its node: put output.dir on "
+                           "storage every node mounts (the final model is written there directly)")
     module = models.engine.module
     base_config = module.base_model.model.config if models.lora else module.config
-    export_hf_model(module, out_dir=Path(plan["final_dir"]), model_config=base_config, tokenizer=tokenizer,
+    export_hf_model(module, out_dir=final, model_config=base_config, tokenizer=tokenizer,
                     zero3=cfg.train.zero_stage == 3, lora_scaling=(cfg.model.lora.alpha / cfg.model.lora.r) if models.lora else None,
-                    is_rank0=D.rank() == 0, max_shard_size=getattr(cfg.output, "max_shard_size", "5GB"))
+                    is_rank0=D.rank() == 0, max_shard_size=cfg.output.max_shard_size)
     D.barrier()

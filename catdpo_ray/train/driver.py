@@ -420,13 +420,16 @@ def run_training(cfg: RunConfig) -> RunResult:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved_path, to_yaml(cfg))
-    setup_console(run_dir)
     loaded = load_pairs(cfg, run_dir)  # bad/empty files are reported before Ray starts
     init_ray(cfg)
-    data = prepare_data(cfg, run_dir, loaded=loaded)
-    atomic_write_text(run_dir / "data_report.json", json.dumps(data.report, indent=2))
-    preflight(cfg, data.model_path)
-    return fit_run(cfg, data, run_dir, run_name)
+    console = setup_console(run_dir)  # framework noise -> <run>/logs/framework.log
+    try:
+        data = prepare_data(cfg, run_dir, loaded=loaded)
+        atomic_write_text(run_dir / "data_report.json", json.dumps(data.report, indent=2))
+        preflight(cfg, data.model_path)
+        return fit_run(cfg, data, run_dir, run_name)
+    finally:
+        console.close()
 
 
 def newest_checkpoint_step(cfg: RunConfig, run_dir: Path, run_name: str) -> int:

@@ -35,6 +35,7 @@ from catdpo_ray.train.sinks import atomic_write_text
 RESUMABLE_KEYS: frozenset[str] = frozenset({
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.stop_after_step",
     "train.eval_before_after", "output.max_failures", "output.num_checkpoints_to_keep", "output.save_final",
+    "output.max_shard_size",
     "scaling.ray_address", "scaling.placement_strategy", "scaling.plan_check",
 })
 #: Whole sections that only report or evaluate (``catdpo-ray eval`` / sweeps), never train.

@@ -139,6 +139,9 @@ class MetricSinks:
         self.categories = list(cfg.data.categories)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.lambdas_path = run_dir / "lambdas.csv"
+        self.onpolicy_path = run_dir / "onpolicy.jsonl"
+        #: (kind, step, final) of the rows written since the last cut-back: replayed rows are dropped.
+        self._written: set[tuple[Any, Any, bool]] = set()
         self._step_times: deque[float] = deque(maxlen=ETA_WINDOW)
         self._warned: dict[str, int] = {}
         # A rerun of an existing run directory: repair torn last lines before anything is appended
@@ -171,10 +174,27 @@ class MetricSinks:
         if kind == "reset" or (kind == "resume" and row["step"] == 0):
             self._step_times.clear()
             self.last_step = self.last_eval = None
+            self._written.clear()
             self._cut_back(max_step=-1, why="restarted from step 0 (no checkpoint was restored)")
+            _truncate_jsonl(self.onpolicy_path, -1)
         elif kind == "resume":
             self._step_times.clear()
+            self._written.clear()
             self._cut_back(max_step=row["step"], why=f"resumed from the checkpoint at step {row['step']} with the saved lambda")
+            _truncate_jsonl(self.onpolicy_path, row["step"])
+            for line in row.get("rejected_checkpoints", []):
+                self._print(f"WARNING: checkpoint skipped, {line}; resumed from an older one", force=True)
+        elif kind == "controller_restored":
+            self._print(f"the MarginController was lost and re-created at step {row['step']} from rank 0's copy of "
+                        "its state; training goes on", force=True)
+        key = (kind, row.get("step"), bool(row.get("final")))
+        if kind in ("step", "eval", "checkpoint", "onpolicy"):
+            if key in self._written:  # replayed by rank 0 after a controller restart: already written
+                return
+            self._written.add(key)
+        if kind == "onpolicy":  # sampled answers and verdicts: their own file, one line per answer
+            self._write_onpolicy(row)
+            return
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if kind == "step":
@@ -205,6 +225,20 @@ class MetricSinks:
             self._warned[row["message"]] = seen + 1
             if not seen:
                 self._print(f"WARNING at step {row['step']}: {row['message']}", force=True)
+
+    def _write_onpolicy(self, row: dict[str, Any]) -> None:
+        """``onpolicy.jsonl``: one line per sampled answer (step, category, prompt, answer, verdict), and
+        the round's per-category unsafe rate as a line of its own (``kind: rate``)."""
+        step = row["step"]
+        with self.onpolicy_path.open("a") as fh:
+            fh.write(json.dumps({"kind": "rate", "step": step, "unsafe_rate": row.get("unsafe_rate")}) + "\n")
+            for record in row.get("records", []):
+                fh.write(json.dumps({"step": step, **record}) + "\n")
+        rates = {c: r for c, r in (row.get("unsafe_rate") or {}).items() if r is not None}
+        worst = sorted(rates.items(), key=lambda t: -t[1])[:3]
+        if worst:
+            self._print(f"on-policy @ step {step}: {len(row.get('records', []))} answers judged; highest unsafe rate: "
+                        + ", ".join(f"{c} {r:.2f}" for c, r in worst), force=True)
 
     def _cut_back(self, *, max_step: int, why: str) -> None:
         """Cut both files back to ``max_step`` (dropping torn lines) and say what happened."""

@@ -175,6 +175,11 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
         from catdpo_ray.train.onpolicy import OnPolicySignal
 
         onpolicy = OnPolicySignal(cfg, plan, tokenizer, device, world=world, rank=rank)
+        if "onpolicy" in restored.extra:
+            onpolicy.load_state_dict(restored.extra["onpolicy"])
+
+    def extra_state() -> dict[str, Any]:
+        return {"onpolicy": onpolicy.state_dict()} if onpolicy is not None else {}
 
     def run_eval(at_step: int) -> dict[str, Any]:
         """Held-out preference accuracy (policy, reference, implicit reward); numeric keys for Ray/Tune."""
@@ -236,7 +241,7 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 metrics.update(run_eval(step))
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                C.save(engine, cfg, plan, link, step, metrics, final=False)
+                C.save(engine, cfg, plan, link, step, metrics, final=False, extra=extra_state())
                 last_saved = step
             elif len(metrics) > 1:
                 ray.train.report(metrics)
@@ -250,6 +255,6 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     metrics = {"step": step}
     if cfg.train.eval_before_after:
         metrics.update(run_eval(step))
-    C.save(engine, cfg, plan, link, step, metrics, final=True)
+    C.save(engine, cfg, plan, link, step, metrics, final=True, extra=extra_state())
     if cfg.output.save_final:
-        C.export_final(models, cfg, plan, tokenizer)
+        C.export_final(models, cfg, plan, tokenizer, device)

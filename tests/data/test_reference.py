@@ -136,6 +136,31 @@ def test_scores_do_not_depend_on_batch_composition(tiny_model_dir: str) -> None:
         np.testing.assert_allclose(rev[name][::-1], a[name], rtol=0, atol=TOL, err_msg=name)
 
 
+@torch.no_grad()
+def test_lora_runs_score_the_base_model_which_equals_the_disabled_adapter(tiny_model_dir: str) -> None:
+    """The online LoRA reference is the policy with its adapter disabled; with a non-zero adapter
+    (B perturbed) that must still equal the scorer's base model, and differ from the adapted one."""
+    from catdpo_ray.train.modeling import apply_lora, load_causal_lm
+
+    cfg = _cfg(tiny_model_dir, "dpo", "model.lora.enabled=true")
+    batch = _tokenized(cfg, tiny_model_dir, 8)
+    got = ReferenceScorer(cfg.to_dict(), tiny_model_dir, tiny_model_dir, num_threads=1)(batch)
+    torch.manual_seed(0)
+    policy = apply_lora(cfg, load_causal_lm(cfg, tiny_model_dir)).eval()
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.add_(0.05 * torch.randn_like(param))
+    b = collate_pairs(batch, pad_id=0)
+    with policy.disable_adapter():
+        off = sequence_logps(policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                             b["input_ids"], b["loss_mask"])[0]
+    on = sequence_logps(policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                        b["input_ids"], b["loss_mask"])[0]
+    ref = np.concatenate([got["ref_chosen_logps"], got["ref_rejected_logps"]])
+    np.testing.assert_allclose(ref, off.numpy(), rtol=0, atol=TOL)
+    assert np.abs(ref - on.numpy()).max() > 1e-3  # the adapter does change the function
+
+
 # ---------------------------------------------------------------------------------------------
 # B-DPO start token
 
