@@ -237,7 +237,7 @@ def export_final(models: Any, cfg: RunConfig, plan: dict[str, Any], tokenizer: A
 
     final = Path(plan["final_dir"])
     # Rank 0 writes final/ itself: the run directory must be visible to it (shared storage on multi-node).
-    visible = torch.tensor([1.0 if final.parent.joinpath("config.yaml").exists() or D.rank() != 0 else 0.0])
+    visible = torch.tensor([1.0 if final.parent.joinpath("run.json").exists() or D.rank() != 0 else 0.0])
     if D.all_reduce(visible, device, op="min").item() == 0:
         raise RuntimeError(f"rank 0 cannot see the run directory {final.parent} on its node: put output.dir on "
                            "storage every node mounts (the final model is written there directly)")

@@ -218,6 +218,10 @@ def make_controller(cfg: RunConfig, run_id: str) -> Any:
     from catdpo_ray.train.controller import MarginController
 
     node = ray.get_runtime_context().get_node_id()
+    try:  # a previous attempt of this run in the same Ray session (a rerun in one process): replace it
+        ray.kill(ray.get_actor(controller_name(run_id)), no_restart=True)
+    except ValueError:
+        pass
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MarginController)
     return actor_cls.options(name=controller_name(run_id), scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
                              ).remote(
@@ -303,6 +307,8 @@ def resume_command(cfg: RunConfig, run_dir: Path) -> str:
 def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
             callbacks: list[Any] | None = None) -> RunResult:
     """Train one run on prepared data; drain progress from the controller while ``fit`` runs."""
+    import ray
+
     from catdpo_ray.train.sinks import MetricSinks
 
     steps_per_epoch, total = plan_steps(cfg, data.num_train_pairs)
@@ -346,6 +352,7 @@ def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
         print("\n[train] interrupted (Ctrl-C): stopping the workers ...", file=sys.stderr, flush=True)
         _drain(controller, sinks, final=True)
     sinks.close()
+    ray.kill(controller, no_restart=True)  # its rows are drained; a rerun creates a fresh one
     wall = time.perf_counter() - t0
     error = outcome.get("error")
     result = outcome.get("result")

@@ -35,7 +35,7 @@ import torch
 
 from catdpo_ray.config import RunConfig, from_dict
 from catdpo_ray.data.batching import batch_token_counts
-from catdpo_ray.data.tokenize import ray_collate
+from catdpo_ray.data.tokenize import ray_collate, response_start_id
 from catdpo_ray.losses import LossParams, compute_loss
 from catdpo_ray.train import checkpointing as C
 from catdpo_ray.train import dist as D
@@ -150,7 +150,8 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     tokenizer = AutoTokenizer.from_pretrained(plan["tokenizer_path"], trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     need_mi = cfg.loss.name == "bdpo"
-    collate = ray_collate(pad_id=pad_id, bos_id=tokenizer.bos_token_id, with_response_only=need_mi)
+    # The held-out evaluation needs no mutual information: its batches carry no response-only pass.
+    collate = ray_collate(pad_id=pad_id)
     total_steps, steps_per_epoch = plan["total_steps"], plan["steps_per_epoch"]
     C.clean_stale_staging(plan, rank)
     models = Models(cfg, plan["model_path"], world, total_steps)
@@ -195,7 +196,12 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     last_saved = step if restored.from_checkpoint else -1
     check_every = max(1, int(getattr(cfg.dual, "check_every", 1)))
     offline = offline_signal(cfg.dual.violation, cfg.dual.blend_offline)
-    train_collate, packed = _train_collate(cfg, models, pad_id, tokenizer.bos_token_id, need_mi)
+    if models.mode == "none" and offline in ("soft", "hard"):
+        offline = "likelihood"  # reference-free losses (SimPO) have no lambda; the logged rate needs no reference
+    # B-DPO's response-only reference pass runs here only with an online reference (precomputed: columns).
+    online_mi = need_mi and models.mode == "online"
+    train_collate, packed = _train_collate(cfg, models, pad_id, response_start_id(tokenizer) if online_mi else None,
+                                           online_mi)
     while step < total_steps:
         it, exact = epoch_micro_batches(ray.train.get_dataset_shard("train"), cfg, epoch, rank, train_collate,
                                         skip=(step - epoch * steps_per_epoch) * cfg.train.grad_accum)

@@ -61,7 +61,11 @@ def test_every_loss_trains_and_exports(tiny_model_dir: str, tmp_path: Path, loss
     # local mode: checkpoints live in the run's storage (Ray persists nothing here), newest two kept
     local = tmp_path / "ray_storage" / loss / "local_checkpoints"
     assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
-    assert (local / "checkpoint_000003" / "hf_model" / "model.safetensors").exists()
+    # the model is exported straight into final/ (no copy of it inside the checkpoint), and each checkpoint
+    # carries its integrity manifest and the dual state
+    assert not (local / "checkpoint_000003" / "hf_model").exists()
+    assert (local / "checkpoint_000003" / "catdpo_manifest.rank0.json").exists()
+    assert (local / "checkpoint_000003" / "catdpo_state.json").exists()
 
 
 def test_lora_run_exports_merged_model(tiny_model_dir: str, tmp_path: Path) -> None:
@@ -125,7 +129,7 @@ def test_local_mode_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Pat
     saved = read_rows(first.run_dir, "step")[-1]["lambdas"]
     second = run_training(load_config(None, common))
     assert second.error is None, second.summary.get("error")
-    resume = read_rows(second.run_dir, "resume")
+    resume = [r for r in read_rows(second.run_dir, "resume") if r["from_checkpoint"]]
     assert len(resume) == 1 and resume[0]["step"] == 2 and resume[0]["lambdas"] == saved
     assert resume[0]["engine_global_steps"] == 2 and resume[0]["optimizer_steps"] == 2
     assert [r["step"] for r in read_rows(second.run_dir, "step")] == [1, 2, 3, 4, 5]
@@ -136,9 +140,13 @@ def test_local_mode_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Pat
     assert third.error is None, third.summary.get("error")
     assert read_rows(third.run_dir, "resume")[-1]["step"] == 5
     assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000005"]
-    # same name, a config with another data layout: refused, not resumed at a wrong data position
-    fourth = run_training(load_config(None, [*common, "train.micro_batch_size=2"]))
-    assert fourth.error is not None and "steps per epoch" in str(fourth.summary.get("error"))
+    # same name, a config with another data layout: refused before anything runs, config.yaml untouched
+    from catdpo_ray.train.resume import ResumeRefused
+
+    before = (third.run_dir / "config.yaml").read_bytes()
+    with pytest.raises(ResumeRefused, match=r"train.micro_batch_size: 4 -> 2"):
+        run_training(load_config(None, [*common, "train.micro_batch_size=2"]))
+    assert (third.run_dir / "config.yaml").read_bytes() == before
 
 
 def test_storage_location_passes_uris_through_and_resolves_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
