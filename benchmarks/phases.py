@@ -46,7 +46,7 @@ def run_logged(cmd: list[str], log_path: Path) -> tuple[list[tuple[float, str]],
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True, bufsize=1,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: the log can be followed live
         for line in proc.stdout:
             stamp = time.perf_counter() - t0
             lines.append((stamp, line.rstrip("\n")))

@@ -291,6 +291,9 @@ def test_two_trial_sweep_tokenizes_once_stops_early_and_frees_everything(tmp_pat
         "tune.eta=[0.25]", "tune.epsilon=[0.05]", "tune.extra={train.lr: [0.0005, 0.0]}", "tune.max_concurrent=1",
         "train.max_steps=4", "train.eval_every=2", "tune.asha_grace_period=1", "tune.objective=eval/implicit_macro",
         "tune.helpfulness_floor=1.0", f"output.dir={tmp_path / 'out'}", "tune.name=sw", "logging.tensorboard=false",
+        # lr 0 must leave the implicit reward exactly 0: an online reference pass computes the very same
+        # forward as the policy's (a precomputed one agrees only within float tolerance; tested below).
+        "model.reference=online", "train.packing=off",
     ])
     if ray.is_initialized():
         ray.shutdown()
@@ -354,3 +357,64 @@ def test_two_trial_sweep_tokenizes_once_stops_early_and_frees_everything(tmp_pat
     best = load_config(result.best_config)
     assert best.train.lr == 0.0005 and best.dual.epsilon == 0.05 and best.train.max_steps == 4
     assert sys.modules.get("catdpo_count_hook") is None  # the hook ran in Ray workers, not in this process
+
+
+#: Counts the rows the reference stage scores, in every Ray process of the test's job.
+_REFERENCE_HOOK = '''
+import os
+
+
+def install() -> None:
+    from catdpo_ray.data.reference import ReferenceScorer
+
+    original = ReferenceScorer.__call__
+
+    def counted(self, batch):
+        out = original(self, batch)
+        with open(os.environ["CATDPO_REFERENCE_COUNTER"], "a") as fh:
+            fh.write(f"{os.getpid()} {len(next(iter(batch.values())))}\\n")
+        return out
+
+    ReferenceScorer.__call__ = counted
+'''
+
+
+@pytest.mark.slow
+def test_a_sweep_computes_the_reference_stage_once(tmp_path: Path, tiny_model_dir: str) -> None:
+    """Two trials train on precomputed reference log-probs: the stage scored every pair once (for the
+    sweep, on a cold cache), and a second sweep over the same data reads the cache and scores none."""
+    import ray
+
+    from catdpo_ray.tune import run_sweep
+
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "catdpo_reference_hook.py").write_text(textwrap.dedent(_REFERENCE_HOOK))
+    counter = tmp_path / "reference_rows.txt"
+    counter.write_text("")
+    common = [f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=48", "data.max_test_rows=24",
+              "tune.eta=[0.25, 1.0]", "tune.epsilon=[0.05]", "tune.max_concurrent=1", "tune.asha=false",
+              "train.max_steps=2", "train.micro_batch_size=4", "model.reference=precompute",
+              f"model.reference_cache_dir={tmp_path / 'refcache'}", f"output.dir={tmp_path / 'out'}",
+              "logging.tensorboard=false"]
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
+        "worker_process_setup_hook": "catdpo_reference_hook.install",
+        "env_vars": {"PYTHONPATH": str(hook_dir), "CATDPO_REFERENCE_COUNTER": str(counter)},
+    })
+    try:
+        first = run_sweep(load_sweep_config(None, [*common, "tune.name=a"]))
+        summary = json.loads((tmp_path / "out" / "a" / "sweep.json").read_text())
+        pairs = summary["num_train_pairs"] + summary["num_test_pairs"]
+        assert _tokenized_rows(counter) == pairs  # every pair of both splits scored exactly once
+        report = json.loads((tmp_path / "out" / "a" / "data_report.json").read_text())["reference"]
+        assert report["mode"] == "precompute" and not report["train"]["hit"] and not report["test"]["hit"]
+        second = run_sweep(load_sweep_config(None, [*common, "tune.name=b"]))
+        assert _tokenized_rows(counter) == pairs  # the cache served the second sweep: nothing scored
+        report = json.loads((tmp_path / "out" / "b" / "data_report.json").read_text())["reference"]
+        assert report["train"]["hit"] and report["test"]["hit"]
+    finally:
+        ray.shutdown()
+    for result in (first, second):
+        assert len(result.rows) == 2 and all(row["status"] == "finished" for row in result.rows)

@@ -161,10 +161,9 @@ def train(cfg: RunConfig, *, fault: str | None = None, monkeypatch: pytest.Monke
 def release_controller(run_dir: Path, timeout_s: float = 30.0) -> bool:
     """Kill this run's MarginController actor if it outlived ``run_training`` (returns whether one did).
 
-    In a new process per run (the CLI) Ray goes away with it; in one process a failed run's
-    ``RunResult.error`` traceback keeps the trainer and the actor handle alive, and the named actor
-    then blocks the rerun (``ActorAlreadyExistsError``: see ``test_inprocess_rerun_after_a_failure``,
-    which checks the trainer's own behaviour without this helper).
+    ``fit_run`` kills it itself now; this is a safety net so that one failing case (e.g. a run that
+    raised before ``fit_run`` cleaned up) cannot block the next case's actor name.
+    ``test_inprocess_rerun.py`` checks the trainer's own behaviour without this helper.
     """
     import time
 

@@ -6,6 +6,9 @@ death ends the run), then the user's rerun with the same name: identical to an u
   rerun resumes from the complete checkpoint of step 3.
 * ``ckpt_done``: dies right after the checkpoint of step 4 was written and reported: the rerun
   resumes from it.
+* ``ckpt_done`` of the last step: the run died after its final checkpoint, before exporting
+  ``final/``: the rerun resumes at the last step, trains nothing, and must not log the final
+  evaluation twice.
 * ``step`` 1 (before the first checkpoint): the rerun starts from step 0 with a fresh
   controller, and the files are cut back to nothing (one ``resume`` row at step 0).
 """
@@ -34,7 +37,8 @@ from tests.faults.conftest import (
     ("ckpt_write", 4, 3, [1, 2, 3]),
     ("ckpt_done", 4, 4, [1, 2, 3, 4]),  # it died before pruning the oldest
     ("step", 1, 0, []),
-], ids=["ckpt_write", "ckpt_done", "before_first_checkpoint"])
+    ("ckpt_done", MAX_STEPS, MAX_STEPS, [3, 4, 5, 6]),  # after the final checkpoint, before the export
+], ids=["ckpt_write", "ckpt_done", "before_first_checkpoint", "after_final_checkpoint"])
 def test_local_kill_then_rerun_equals_uninterrupted(point: str, step: int, resumed_at: int, on_disk: list[int],
                                                     tiny_model_dir: str, fault_corpus: Corpus, local_reference: Path,
                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

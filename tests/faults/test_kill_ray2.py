@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from catdpo_ray.config import DataConfig
+from catdpo_ray.config import PKU_CATEGORIES, DataConfig
 from catdpo_ray.data.loader import load_split
 from catdpo_ray.train.resume import ResumeRefused
 from tests.faults.conftest import RAY2_KNOBS, Corpus, assert_same_run, make_cfg, rows_of, train
@@ -33,14 +33,14 @@ RAY2_STEPS = 5
 def test_heldout_eval_scores_every_test_pair_once(ray2_reference: Path, fault_corpus: Corpus) -> None:
     pairs, _ = load_split(DataConfig(train=fault_corpus.train, test=fault_corpus.test), "test", pair_mode="safety_aware")
     assert len(pairs) % 2 == 1, "the point is an odd test split over 2 workers"
-    cfg_categories = json.loads(json.dumps(make_cfg("tiny", fault_corpus, ray2_reference.parent, "ref",
-                                                    RAY2_KNOBS).data.categories))
-    expected = {c: sum(p["categories"][i] for p in pairs if p["safety_gap"] == 1) for i, c in enumerate(cfg_categories)}
+    categories = list(PKU_CATEGORIES)  # the configured order (default)
+    expected = {c: sum(p["categories"][i] for p in pairs if p["safety_gap"] == 1) for i, c in enumerate(categories)}
     evals = rows_of(ray2_reference, "eval")
     assert [r["step"] for r in evals] == [3, RAY2_STEPS]
     for row in evals:
         assert {c: v["n"] for c, v in row["per_category"].items()} == expected
-    assert sum(expected.values()) > 0 and any(v == 1 for v in expected.values())  # a small category survives
+    # single-pair categories are the ones an equal split across ranks could lose entirely
+    assert sum(expected.values()) >= 20 and sum(v == 1 for v in expected.values()) >= 3
 
 
 @pytest.mark.parametrize(("fault", "resumes"), [

@@ -107,8 +107,8 @@ def test_zero3_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Path) ->
 
     second = run_training(load_config(None, common))
     assert second.error is None, second.summary.get("error")
-    resume = read_rows(run, "resume")
-    assert len(resume) == 1 and resume[0]["step"] == 4
+    resume = [r for r in read_rows(run, "resume") if r["from_checkpoint"]]  # (step 0: the first attempt's start)
+    assert len(resume) == 1 and resume[0]["step"] == 4 and resume[0]["checkpoint"] == "checkpoint_000004"
     assert resume[0]["lambdas"] == saved_lambdas  # the MarginController was re-seeded, lambda did not reset
     assert resume[0]["engine_global_steps"] == 4  # DeepSpeed engine state restored
     assert resume[0]["optimizer_steps"] == 4  # Adam moments restored (their step count), not re-initialised
