@@ -38,6 +38,8 @@ METHODS: dict[str, list[str]] = {
     "SafeDPO": ["loss.name=safedpo", "loss.delta=10"],
     "B-DPO": ["loss.name=bdpo"],
     "Cat-DPO": ["loss.name=catdpo"],
+    # on-policy signal: every 5 steps, 4 sampled answers per category to training prompts, rule judge
+    "Cat-DPO[gen]": ["loss.name=catdpo", "dual.violation=generation", "dual.generation_every=5"],
     "Cat-DPO[hard]": ["loss.name=catdpo", "dual.violation=hard"],
     "Cat-DPO[likelihood]": ["loss.name=catdpo", "dual.violation=likelihood"],
     "Cat-DPO[max]": ["loss.name=catdpo", "dual.agg=max"],
@@ -165,7 +167,7 @@ def make_config(model: str, train: str, out: Path, name: str, seed: int, args: a
         f"train.micro_batch_size={args.batch}", f"train.eval_every={args.eval_every}", "scaling.num_workers=0",
         "logging.tensorboard=false", "logging.progress=false",
         "eval.judges=[rule]", "eval.temperature=1.0", "eval.top_p=1.0", f"eval.max_prompts_per_category={args.prompts}",
-        f"eval.batch_size={args.gen_batch}", f"eval.max_new_tokens={args.new_tokens}", *extra])
+        f"eval.batch_size={args.gen_batch}", f"eval.max_new_tokens={args.new_tokens}", *args.set, *extra])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32,
                    help="max new tokens; every unsafe answer in the corpus shows its first harm marker by token 17")
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every method (e.g. train.lr=1e-4)")
     p.add_argument("--no-base", action="store_true", help="skip evaluating the untrained SFT model")
     p.add_argument("--work", default="/tmp/catdpo-bench", help="run directories (large; not committed)")
     p.add_argument("--out", default=str(RESULTS), help="tables and panels")
