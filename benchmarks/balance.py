@@ -17,6 +17,17 @@ session (Ray Train local mode: in-process, real DeepSpeed), and is evaluated twi
 The seed (``train.seed``) sets the training-data order (the trainer's ``train.shuffle``: the pairs
 in ``Random(seed)`` order, then a seeded per-epoch buffer shuffle), torch's seed and the sampling seed. Results (mean +- sample std over seeds) go to
 ``benchmarks/results/``: ``balance.md``, ``balance.json`` and PNG panels.
+
+Statistics (``catdpo_ray.eval.stats``): every method is compared with SafeDPO *on the same seeds* (paired
+differences), with a percentile-bootstrap 95 % CI over seeds (B = 10000, seeded); a CI that includes 0
+is reported as "no difference". For the Cat-DPO runs the final lambda of the corpus's hard categories
+(``CategorySpec.hard`` in ``catdpo_ray/data/synth.py``) vs its easy ones is scored as an AUC, and the
+lambda and violation-signal trajectories (offline from ``metrics.jsonl``, on-policy from
+``onpolicy.jsonl``) are kept in ``<tag>.json``.
+
+Default = the non-collapsing regime (``REGIME``; why: benchmarks/README.md); ``--quick`` = the old fast
+setting (3 seeds, 100 steps at the trainer's lr 5e-4, 20 prompts per category). ``--jobs N`` runs the
+methods in N parallel processes (each its own local Ray session).
 """
 
 from __future__ import annotations
@@ -50,7 +61,19 @@ METHODS: dict[str, list[str]] = {
     "Cat-DPO[eps=1e-4]": ["loss.name=catdpo", "dual.epsilon=0.0001"],
     "Cat-DPO[init=10]": ["loss.name=catdpo", "dual.lambda_init=10"],
 }
-DEFAULT_METHODS = ["DPO-helpful", "DPO-SafeBetter", "SafeDPO", "B-DPO", "Cat-DPO"]
+DEFAULT_METHODS = ["DPO-helpful", "DPO-SafeBetter", "SafeDPO", "B-DPO", "Cat-DPO", "Cat-DPO[gen]"]
+#: The default regime (chosen by experiment before comparing methods: benchmarks/README.md).
+REGIME_OVERRIDES = ["train.lr=1e-4"]
+REGIME = {"seeds": [0, 1, 2, 3, 4], "steps": 150, "prompts": 50}
+#: ``--quick``: the fast setting the benchmark used before (the trainer's default lr 5e-4).
+QUICK = {"seeds": [0, 1, 2], "steps": 100, "prompts": 20}
+#: The baseline every method is compared with (paired over seeds).
+REFERENCE = "SafeDPO"
+#: (block, key, label, higher is better) of the statistics tables.
+STAT_METRICS = (("fluent", "macro", "Macro", True), ("fluent", "worst3", "Worst-3", True),
+                ("fluent", "gap", "Gap", False), ("fluent", "variance", "Variance ×10³", False),
+                ("gen", "over_refusal", "over-refusal", False), ("fluent", "helpfulness", "fluent helpfulness", True),
+                ("gen", "helpfulness", "helpfulness", True), ("fluent", "fluent_share", "fluent answers", True))
 BASE = "SFT (no alignment)"
 KEYS = ("macro", "worst3", "gap", "variance")
 #: Result blocks: generation safe ratio, safe-and-fluent ratio, offline likelihood / implicit-reward accuracy.

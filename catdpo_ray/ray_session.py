@@ -51,6 +51,8 @@ def init_ray(cfg: RunConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     from catdpo_ray.train.console import worker_env
 
+    for key, value in worker_env(use_gpu=cfg.scaling.use_gpu).items():
+        os.environ.setdefault(key, value)  # local mode trains in this process
     address = ray_address(cfg)
     # Quiet framework start-up in every worker (transformers advisories, DeepSpeed's accelerator notice).
     runtime_env = {"env_vars": worker_env(use_gpu=cfg.scaling.use_gpu)}

@@ -409,11 +409,11 @@ def test_a_sweep_computes_the_reference_stage_once(tmp_path: Path, tiny_model_di
         pairs = summary["num_train_pairs"] + summary["num_test_pairs"]
         assert _tokenized_rows(counter) == pairs  # every pair of both splits scored exactly once
         report = json.loads((tmp_path / "out" / "a" / "data_report.json").read_text())["reference"]
-        assert report["mode"] == "precompute" and not report["train"]["hit"] and not report["test"]["hit"]
+        assert report["mode"] == "precompute" and not report["pairs"]["hit"] and report["pairs"]["rows"] == pairs
         second = run_sweep(load_sweep_config(None, [*common, "tune.name=b"]))
         assert _tokenized_rows(counter) == pairs  # the cache served the second sweep: nothing scored
         report = json.loads((tmp_path / "out" / "b" / "data_report.json").read_text())["reference"]
-        assert report["train"]["hit"] and report["test"]["hit"]
+        assert report["pairs"]["hit"]
     finally:
         ray.shutdown()
     for result in (first, second):

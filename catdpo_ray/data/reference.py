@@ -211,7 +211,7 @@ def _score(ds: Any, cfg: RunConfig, model_path: str, tokenizer_path: str, micro_
         ReferenceScorer,
         fn_constructor_args=(cfg.to_dict(), model_path, tokenizer_path),
         fn_constructor_kwargs={"micro_batch_size": micro_batch_size},
-        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size), **resources,
+        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size), max_restarts=0, **resources,
     )
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:

@@ -130,9 +130,14 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True, loaded:
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
+        max_restarts=0,  # a failed tokenizer fails the run at once (and Ray prints no restart caveat)
     ).materialize()
+    # The reference stage scores both splits in one pass (one actor start, one model load, one cache entry).
+    tokenized, reference = _reference_stage(cfg, tokenized, model_path, tokenizer_path, verbose=verbose)
     train_ds = tokenized.filter(expr="split == 0").materialize()
     test_ds = tokenized.filter(expr="split == 1").materialize()
+    if reference["mode"] == "none" and (cfg.train.eval_before_after or cfg.train.eval_every):
+        test_ds, reference["test"] = _eval_reference(cfg, test_ds, model_path, tokenizer_path, verbose=verbose)
     truncated = {"train": _column_total(train_ds, "truncated"), "test": _column_total(test_ds, "truncated")}
     if verbose:
         print(f"[data] tokenized {len(train_pairs)} + {len(test_pairs)} pairs in {time.perf_counter() - t0:.1f}s; "
@@ -140,41 +145,46 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True, loaded:
     report: dict[str, Any] = {"train": loaded.train_report.to_dict(), "test": loaded.test_report.to_dict(),
                               "truncated": truncated, "pair_mode": cfg.pair_mode, "test_pair_mode": EVAL_PAIR_MODE,
                               "dropped_per_epoch": dropped_per_epoch(len(train_pairs), cfg.global_batch_size)}
-    train_ds, test_ds, report["reference"] = _reference_stage(cfg, train_ds, test_ds, model_path, tokenizer_path,
-                                                              verbose=verbose)
+    report["reference"] = reference
     worker_plan = _onpolicy_plan(cfg, train_pairs)
     return PreparedData(train_ds, test_ds, len(train_pairs), len(test_pairs), model_path, tokenizer_path, report,
                         worker_plan)
 
 
-def _reference_stage(cfg: RunConfig, train_ds: Any, test_ds: Any, model_path: str, tokenizer_path: str, *,
-                     verbose: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """Reference log-prob columns (the cached Ray Data stage, :mod:`catdpo_ray.data.reference`).
-
-    ``precompute``: both splits. ``none`` (reference-free losses): the test split only, so that the
-    held-out evaluation still scores against the true reference while the workers load none.
-    ``online``: neither (the workers' frozen reference engine scores both, as before).
-    """
+def _reference_stage(cfg: RunConfig, tokenized: Any, model_path: str, tokenizer_path: str, *,
+                     verbose: bool) -> tuple[Any, dict[str, Any]]:
+    """Reference log-prob columns for both splits (``model.reference=precompute``): the cached Ray Data
+    stage of :mod:`catdpo_ray.data.reference`. ``online``: none (the workers' frozen reference engine
+    scores every batch, as before). ``none`` (reference-free losses): see :func:`_eval_reference`."""
     from catdpo_ray.data.reference import add_reference_columns, resolve_reference_mode
 
     mode = resolve_reference_mode(cfg)
     info: dict[str, Any] = {"mode": mode}
-    common = {"model_path": model_path, "tokenizer_path": tokenizer_path,
-              "micro_batch_size": max(16, cfg.train.micro_batch_size)}
     if mode == "precompute":
-        train_ds, info["train"] = add_reference_columns(train_ds, cfg=cfg, split_name="train", **common)
-    if mode != "online" and (cfg.train.eval_before_after or cfg.train.eval_every):
-        # SimPO trains without a reference; its held-out implicit-reward accuracy still needs one.
-        eval_cfg = cfg if mode == "precompute" else cfg.replace({"loss.name": "dpo", "data.pairs": "safety_aware",
-                                                                  "model.reference": "precompute"})
-        test_ds, info["test"] = add_reference_columns(test_ds, cfg=eval_cfg, split_name="test", **common)
+        tokenized, info["pairs"] = add_reference_columns(tokenized, cfg=cfg, model_path=model_path,
+                                                         tokenizer_path=tokenizer_path, split_name="train+test",
+                                                         micro_batch_size=max(16, cfg.train.micro_batch_size))
+        _say_reference(info["pairs"], verbose)
+    return tokenized, info
+
+
+def _eval_reference(cfg: RunConfig, test_ds: Any, model_path: str, tokenizer_path: str, *,
+                    verbose: bool) -> tuple[Any, dict[str, Any]]:
+    """SimPO trains without a reference, but its held-out implicit-reward accuracy still needs the true
+    one: the test split alone goes through the stage (scored as DPO pairs would be)."""
+    from catdpo_ray.data.reference import add_reference_columns
+
+    eval_cfg = cfg.replace({"loss.name": "dpo", "data.pairs": "safety_aware", "model.reference": "precompute"})
+    test_ds, info = add_reference_columns(test_ds, cfg=eval_cfg, model_path=model_path, tokenizer_path=tokenizer_path,
+                                          split_name="test", micro_batch_size=max(16, cfg.train.micro_batch_size))
+    _say_reference(info, verbose)
+    return test_ds, info
+
+
+def _say_reference(info: dict[str, Any], verbose: bool) -> None:
     if verbose:
-        for split in ("train", "test"):
-            if split in info:
-                i = info[split]
-                print(f"[reference] {split}: {i['rows']} pairs, {'cache hit' if i['hit'] else 'computed'} in "
-                      f"{i['seconds']:.1f}s ({i['reason']})", flush=True)
-    return train_ds, test_ds, info
+        print(f"[reference] {info['split']}: {info['rows']} pairs, {'cache hit' if info['hit'] else 'computed'} in "
+              f"{info['seconds']:.1f}s ({info['reason']})", flush=True)
 
 
 def _onpolicy_plan(cfg: RunConfig, train_pairs: list[dict[str, Any]]) -> dict[str, Any]:

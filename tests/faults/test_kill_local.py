@@ -8,7 +8,8 @@ death ends the run), then the user's rerun with the same name: identical to an u
   resumes from it.
 * ``ckpt_done`` of the last step: the run died after its final checkpoint, before exporting
   ``final/``: the rerun resumes at the last step, trains nothing, and must not log the final
-  evaluation twice.
+  evaluation twice. (FAILS today: the resume keeps the rows of that step, then the rerun appends
+  the final ``eval`` and ``checkpoint`` rows again -- see the report to the lead.)
 * ``step`` 1 (before the first checkpoint): the rerun starts from step 0 with a fresh
   controller, and the files are cut back to nothing (one ``resume`` row at step 0).
 """

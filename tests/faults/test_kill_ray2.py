@@ -23,7 +23,7 @@ import pytest
 from catdpo_ray.config import PKU_CATEGORIES, DataConfig
 from catdpo_ray.data.loader import load_split
 from catdpo_ray.train.resume import ResumeRefused
-from tests.faults.conftest import RAY2_KNOBS, Corpus, assert_same_run, make_cfg, rows_of, train
+from tests.faults.conftest import RAY2_KNOBS, Console, Corpus, assert_same_run, make_cfg, rows_of, train
 from tests.faults.test_resume_changes import snapshot
 
 pytestmark = pytest.mark.slow
@@ -43,17 +43,19 @@ def test_heldout_eval_scores_every_test_pair_once(ray2_reference: Path, fault_co
     assert sum(expected.values()) >= 20 and sum(v == 1 for v in expected.values()) >= 3
 
 
-@pytest.mark.parametrize(("fault", "resumes"), [
-    ("step:1:1", [0, 0]),
-    ("ckpt_write:4:0", [0, 2]),
+@pytest.mark.parametrize(("fault", "resumes", "said"), [
+    # the restart without a checkpoint cuts metrics.jsonl back to nothing (its own resume row included)
+    ("step:1:1", [0], "restarted from step 0 (no checkpoint was restored): metrics.jsonl and lambdas.csv reset ("),
+    ("ckpt_write:4:0", [0, 2], "resumed from the checkpoint at step 2 with the saved lambda; removed "),
 ], ids=["rank1_before_first_checkpoint", "rank0_during_checkpoint_write"])
 def test_worker_killed_ray_restarts_and_run_equals_uninterrupted(
-        fault: str, resumes: list[int], tiny_model_dir: str, fault_corpus: Corpus, ray2_reference: Path,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memo_prepare: None) -> None:
+        fault: str, resumes: list[int], said: str, tiny_model_dir: str, fault_corpus: Corpus, ray2_reference: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memo_prepare: None, console: Console) -> None:
     marker = tmp_path / "fired"
     result = train(make_cfg(tiny_model_dir, fault_corpus, tmp_path, "run", RAY2_KNOBS), fault=f"{fault}:{marker}",
                    monkeypatch=monkeypatch)
     assert marker.exists(), "the fault never fired"
+    assert said in console.take()  # the restart was noticed and said
     assert result.error is None, result.summary.get("error")
     run = result.run_dir
     resume_rows = rows_of(run, "resume")
