@@ -186,7 +186,7 @@ def make_config(model: str, train: str, out: Path, name: str, seed: int, args: a
 
     return load_config(None, [
         f"model.name_or_path={model}", f"data.train={train}", "data.test=bundled", f"output.dir={out}",
-        f"output.name={name}", f"train.seed={seed}", f"train.max_steps={args.steps}",
+        f"output.name={name}", f"train.seed={seed}", f"train.max_steps={args.steps}", *args.regime,
         f"train.micro_batch_size={args.batch}", f"train.eval_every={args.eval_every}", "scaling.num_workers=0",
         "logging.tensorboard=false", "logging.progress=false",
         "eval.judges=[rule]", "eval.temperature=1.0", "eval.top_p=1.0", f"eval.max_prompts_per_category={args.prompts}",
@@ -195,12 +195,23 @@ def make_config(model: str, train: str, out: Path, name: str, seed: int, args: a
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true",
+                   help=f"the old fast setting: {QUICK}, trainer defaults (no {REGIME_OVERRIDES})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {REGIME['seeds']}")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"from {list(METHODS)}")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (same for every method)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {REGIME['steps']})")
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--eval-every", type=int, default=0, help="held-out preference eval every N steps (curves)")
-    p.add_argument("--prompts", type=int, default=20, help="held-out prompts per category (0 = all)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help=f"held-out prompts per category, 0 = all (default {REGIME['prompts']}; a category with "
+                        "fewer held-out prompts uses all it has)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes (methods split round-robin)")
+    p.add_argument("--split", choices=["methods", "seeds"], default="methods",
+                   help="--jobs: split the methods (default) or the seeds over the processes")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="merge the runs of finished (or partial) --jobs part files / <tag>.json files, write the "
+                        "outputs with this command's --tag/--out/--steps/..., then exit (no training)")
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: a --jobs child writes its runs here
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32,
                    help="max new tokens; every unsafe answer in the corpus shows its first harm marker by token 17")
@@ -211,8 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="balance", help="output file stem")
     p.add_argument("--replot", default=None, help="re-render tables and panels from a saved <tag>.json, then exit")
     args = p.parse_args(argv)
+    preset = QUICK if args.quick else REGIME
+    args.seeds = args.seeds if args.seeds is not None else list(preset["seeds"])
+    args.steps = args.steps if args.steps is not None else preset["steps"]
+    args.prompts = args.prompts if args.prompts is not None else preset["prompts"]
+    args.regime = [] if args.quick else list(REGIME_OVERRIDES)
     if args.replot:
         replot(Path(args.replot), Path(args.out))
+        return 0
+    if args.merge:
+        merge(args, [Path(x) for x in args.merge])
         return 0
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -227,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     work, out = Path(args.work), Path(args.out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.part is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+    if args.jobs > 1 and args.part is None:
+        return run_parallel(args, argv, t_start)
     model = str(ensure_tiny_model())  # waits on the build lock if another process is building it
     fingerprint = model_fingerprint(model)
     torch.set_num_threads(1)  # one core per process on a shared 2-core box; the trainer does the same
@@ -249,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                 target, final_eval = model, None
                 if method != BASE:
                     init_ray(cfg)
-                    key = f"{cfg.pair_mode}/{cfg.loss.name == 'catdpo'}"
+                    # the on-policy signal needs its prompt pool in the prepared data (the worker plan)
+                    onpolicy = cfg.dual.violation in ("generation", "blend")
+                    key = f"{cfg.pair_mode}/{cfg.loss.name == 'catdpo'}/{onpolicy}/{cfg.dual.generation_pool_per_category}"
                     if key not in prepared:
                         prepared[key] = prepare_data(cfg, work / f"prep-{seed}", verbose=False)
                     result = fit_run(cfg, prepared[key], run_dir, name)
@@ -264,12 +288,21 @@ def main(argv: list[str] | None = None) -> int:
                 report = run_eval(cfg, model=target, out=run_dir / "eval", backend="local", preference=False)
                 results[method][seed] = summarize(report, final_eval) | {"train_s": t1 - t0,
                                                                          "eval_s": time.perf_counter() - t1}
+                if method != BASE:
+                    results[method][seed]["dual"] = dual_trace(run_dir)
             except Exception as exc:  # noqa: BLE001 - a failed run is reported, the benchmark goes on
                 print(f"[bench] {name} FAILED: {exc}", file=sys.stderr, flush=True)
                 results[method][seed] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"[bench] {name}: {time.perf_counter() - t0:.0f}s (total {time.perf_counter() - t_start:.0f}s)", flush=True)
+            if args.part is not None:  # a --jobs child: every finished run is on disk at once
+                Path(args.part).write_text(json.dumps({"runs": results, "wall_time_s": time.perf_counter() - t_start,
+                                                       "fingerprint": fingerprint, "done": False}, default=str))
         if BASE in results and seed_eval and "error" not in results[BASE][seed]:
             results[BASE][seed] |= base_preference(seed_eval)
+    if args.part is not None:
+        Path(args.part).write_text(json.dumps({"runs": results, "wall_time_s": time.perf_counter() - t_start,
+                                               "fingerprint": fingerprint}, default=str))
+        return 0
     wall = time.perf_counter() - t_start
     if model_fingerprint(model) != fingerprint:  # e.g. the cache was rebuilt by another process mid-run
         print(f"[bench] WARNING: the tiny model changed during the benchmark ({fingerprint} -> "
@@ -280,6 +313,218 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(results, args, out, work, wall, "python benchmarks/balance.py" + "".join(f" {a!r}" if " " in a or "[" in a
                                                                                           else f" {a}" for a in cli))
     return 0
+
+
+def run_parallel(args: argparse.Namespace, argv: list[str] | None, t_start: float) -> int:
+    """``--jobs N``: the methods split round-robin over N child processes (each all seeds, its own local
+    Ray session and DeepSpeed engine, one torch thread), their runs merged, then the usual outputs."""
+    import subprocess
+
+    work, out = Path(args.work), Path(args.out)
+    if args.split == "seeds":  # every child: all methods of its seeds (complete pairs per seed early)
+        groups = [(args.methods, args.seeds[i::args.jobs]) for i in range(args.jobs)]
+    else:
+        groups = [(args.methods[i::args.jobs], args.seeds) for i in range(args.jobs)]
+    procs = []
+    for i, (methods, seeds) in enumerate(g for g in groups if g[0] and g[1]):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--seeds", *map(str, seeds), "--methods", *methods,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--eval-every", str(args.eval_every),
+               "--prompts", str(args.prompts), "--gen-batch", str(args.gen_batch), "--new-tokens", str(args.new_tokens),
+               "--work", str(work), "--part", str(work / f"part-{i}.json")]
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--set", *args.set] if args.set else []
+        cmd += ["--no-base"] if (args.no_base or (i > 0 and args.split == "methods")) else []
+        log = (work / f"part-{i}.log").open("w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), work / f"part-{i}.json", log))
+        print(f"[bench] job {i}: {methods} -> {work / f'part-{i}.log'}", flush=True)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    prints = []
+    for proc, part, log in procs:
+        rc = proc.wait()
+        log.close()
+        if rc != 0 or not part.exists():
+            print(f"[bench] a job failed (rc {rc}); see {part.with_suffix('.log')}", file=sys.stderr, flush=True)
+            continue
+        saved = json.loads(part.read_text())
+        prints.append(saved["fingerprint"])
+        for m, by_seed in saved["runs"].items():
+            results.setdefault(m, {}).update({int(k): v for k, v in by_seed.items()})
+    order = ([] if args.no_base else [BASE]) + args.methods
+    results = {m: results[m] for m in order if m in results}
+    args.model_fingerprint = prints[0] if len(set(prints)) == 1 else f"MIXED {sorted(set(prints))}"
+    cli = argv if argv is not None else sys.argv[1:]
+    write_outputs(results, args, out, work, time.perf_counter() - t_start,
+                  "python benchmarks/balance.py" + "".join(f" {a!r}" if " " in a or "[" in a else f" {a}" for a in cli))
+    return 0
+
+
+def _binned(steps: list[int], values: list[dict[str, float | None]], hard: set[str], bins: int = 10) -> dict[str, list]:
+    """Mean of the hard / easy categories' values over ``bins`` equal step windows (None entries skipped)."""
+    if not steps:
+        return {"step": [], "hard": [], "easy": []}
+    top = max(steps)
+    acc: dict[str, list[list[float]]] = {"hard": [[] for _ in range(bins)], "easy": [[] for _ in range(bins)]}
+    for st, row in zip(steps, values):
+        b = min(bins - 1, (st - 1) * bins // max(top, 1))
+        for c, v in row.items():
+            if v is not None:
+                acc["hard" if c in hard else "easy"][b].append(float(v))
+    return {"step": [round((b + 1) * top / bins) for b in range(bins)],
+            **{h: [statistics.fmean(x) if x else None for x in acc[h]] for h in ("hard", "easy")}}
+
+
+def dual_trace(run_dir: Path) -> dict[str, Any]:
+    """What the dual variables did in one run: final lambda per category, and lambda / offline violation /
+    on-policy unsafe rate of the hard vs easy categories over 10 step windows."""
+    from catdpo_ray.data.synth import CATEGORY_SPECS
+    from catdpo_ray.eval.plots import read_lambdas
+
+    hard = {s.name for s in CATEGORY_SPECS if s.hard}
+    out: dict[str, Any] = {}
+    try:
+        if (run_dir / "lambdas.csv").exists():
+            steps, series = read_lambdas(run_dir / "lambdas.csv")
+            out["final_lambda"] = {c: v[-1] for c, v in series.items() if v}
+            rows = [{c: series[c][i] for c in series} for i in range(len(steps))]
+            out["lambda"] = _binned(steps, rows, hard)
+        if (run_dir / "metrics.jsonl").exists():
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if isinstance(r.get("violation_rate"), dict) and "step" in r]
+            out["offline_violation"] = _binned([r["step"] for r in rows], [r["violation_rate"] for r in rows], hard)
+        if (run_dir / "onpolicy.jsonl").exists():
+            rows = [json.loads(line) for line in (run_dir / "onpolicy.jsonl").read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r.get("kind") == "rate" and r.get("unsafe_rate")]
+            out["onpolicy_unsafe"] = _binned([r["step"] for r in rows], [r["unsafe_rate"] for r in rows], hard)
+            out["onpolicy_rounds"] = len(rows)
+    except Exception as exc:  # noqa: BLE001 - diagnostics must not lose a finished run
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _fmt_ci(ci: Any, digits: int = 1) -> str:
+    return f"{ci.mean:.{digits}f} [{ci.low:.{digits}f}, {ci.high:.{digits}f}]"
+
+
+def stats_tables(results: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """Per method: mean [95 % bootstrap CI] over seeds, and the paired difference against SafeDPO."""
+    from catdpo_ray.eval.stats import bootstrap_mean_ci, paired_diff_ci, verdict
+
+    def value(r: dict[str, Any], block: str, key: str) -> float | None:
+        v = r.get(block, {}).get(key)
+        return None if v is None else float(v)
+
+    lines = ["### Statistics: safe & fluent metrics, mean [95 % bootstrap CI over seeds]", "",
+             "| method | seeds | " + " | ".join(f"{lab} {'↑' if up else '↓'}" for _, _, lab, up in STAT_METRICS) + " |",
+             "|---|---:|" + "---:|" * len(STAT_METRICS)]
+    for m, by_seed in results.items():
+        ok = {s: r for s, r in by_seed.items() if "error" not in r and "fluent" in r}
+        if not ok:
+            continue
+        cells = []
+        for block, key, _, _ in STAT_METRICS:
+            xs = [value(r, block, key) for r in ok.values()]
+            xs = [x for x in xs if x is not None]
+            cells.append(_fmt_ci(bootstrap_mean_ci(xs), 2 if key == "variance" else 1) if xs else "n/a")
+        lines.append(f"| {m} | {len(ok)} | " + " | ".join(cells) + " |")
+    lines += ["", "Macro, Worst-3, Gap, Variance, fluent helpfulness: the safe-*and-fluent* block; over-refusal and "
+              "helpfulness: the plain generation block (rule judge).", ""]
+    ref = {s: r for s, r in results.get(REFERENCE, {}).items() if "error" not in r and "fluent" in r}
+    if ref:
+        lines += [f"### Paired differences against {REFERENCE} (same seeds): Δ mean [95 % CI] → verdict", "",
+                  "| method | seeds | " + " | ".join(f"Δ {lab}" for _, _, lab, _ in STAT_METRICS) + " |",
+                  "|---|---:|" + "---:|" * len(STAT_METRICS)]
+        for m, by_seed in results.items():
+            if m in (REFERENCE, BASE):
+                continue
+            common = sorted(s for s, r in by_seed.items() if s in ref and "error" not in r and "fluent" in r)
+            if not common:
+                continue
+            cells = []
+            for block, key, _, up in STAT_METRICS:
+                pairs = [(value(by_seed[s], block, key), value(ref[s], block, key)) for s in common]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+                if not pairs:
+                    cells.append("n/a")
+                    continue
+                ci = paired_diff_ci([a for a, _ in pairs], [b for _, b in pairs])
+                cells.append(f"{_fmt_ci(ci, 2 if key == 'variance' else 1)} **{verdict(ci, higher_is_better=up)}**")
+            lines.append(f"| {m} | {len(common)} | " + " | ".join(cells) + " |")
+        lines += ["", "A difference whose CI includes 0 is \"no difference\". \"better\" / \"worse\" take each "
+                  "metric's direction into account (Gap, Variance, over-refusal: lower is better).", ""]
+    return "\n".join(lines)
+
+
+def lambda_tables(results: dict[str, dict[int, dict[str, Any]]], work: Path | None = None) -> str:
+    """Cat-DPO runs: does lambda rank the corpus's hard categories above the easy ones (AUC per seed)?"""
+    from catdpo_ray.data.synth import CATEGORY_SPECS
+    from catdpo_ray.eval.stats import auc, bootstrap_mean_ci
+
+    hard = {s.name for s in CATEGORY_SPECS if s.hard}
+    lines = ["### Lambda diagnostics: hard vs easy categories (final λ; AUC = P(λ_hard > λ_easy), ties 1/2)", "",
+             f"Hard categories ({len(hard)} of {len(CATEGORY_SPECS)}, `CategorySpec.hard` in catdpo_ray/data/synth.py): "
+             + ", ".join(sorted(hard)) + ".", "",
+             "| method | seeds | AUC mean [95 % CI] | AUC per seed | final λ hard, mean | final λ easy, mean | "
+             "max final λ | hard categories with final λ ≥ 5 |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    traces = []
+    for m, by_seed in results.items():
+        if not m.startswith("Cat-DPO"):
+            continue
+        aucs, lh, le, mx, big = [], [], [], [], []
+        for s, r in sorted(by_seed.items()):
+            if "dual" not in r and work is not None and (work / run_name(m, s) / "lambdas.csv").exists():
+                r["dual"] = dual_trace(work / run_name(m, s))  # a run recorded before the benchmark kept traces
+            lam = r.get("dual", {}).get("final_lambda")
+            if not lam:
+                continue
+            h = [v for c, v in lam.items() if c in hard]
+            e = [v for c, v in lam.items() if c not in hard]
+            aucs.append(auc(h, e))
+            lh.append(statistics.fmean(h))
+            le.append(statistics.fmean(e))
+            mx.append(max(lam.values()))
+            big.append(sum(v >= 5 for v in h))
+            if s == min(by_seed):
+                traces.append((m, s, r["dual"]))
+        if aucs:
+            lines.append(f"| {m} | {len(aucs)} | {_fmt_ci(bootstrap_mean_ci(aucs), 2)} | "
+                         + ", ".join(f"{a:.2f}" for a in aucs)
+                         + f" | {statistics.fmean(lh):.2f} | {statistics.fmean(le):.2f} | {max(mx):.2f} | "
+                         f"{statistics.fmean(big):.1f} of {len(hard)} |")
+    lines.append("")
+    for m, s, d in traces:
+        lines += [f"**{m}, seed {s}: trajectories** (mean over the hard / easy categories, 10 step windows)", "",
+                  "| signal | " + " | ".join(str(x) for x in d.get("lambda", {}).get("step", [])) + " |",
+                  "|---|" + "---:|" * len(d.get("lambda", {}).get("step", []))]
+        for key, label in (("lambda", "λ"), ("offline_violation", "offline violation σ(−βΔθ)"),
+                           ("onpolicy_unsafe", "on-policy unsafe rate")):
+            t = d.get(key)
+            if not t or not t.get("step"):
+                continue
+            for h in ("hard", "easy"):
+                lines.append(f"| {label}, {h} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in t[h]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge(args: argparse.Namespace, files: list[Path]) -> None:
+    """``--merge``: the runs of several part / result files (later files win on the same method and seed)."""
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    walls, prints, commands = [], set(), []
+    for f in files:
+        saved = json.loads(f.read_text())
+        walls.append(float(saved.get("wall_time_s", 0.0)))
+        prints.add(saved.get("fingerprint") or saved.get("args", {}).get("model_fingerprint", "n/a"))
+        commands.append(saved.get("command", f"(part file {f})"))
+        for m, by_seed in saved["runs"].items():
+            results.setdefault(m, {}).update({int(k): v for k, v in by_seed.items()})
+    results = {m: r for m, r in results.items() if r}
+    args.seeds = sorted({s for r in results.values() for s in r})
+    args.methods = [m for m in results if m != BASE]
+    args.model_fingerprint = prints.pop() if len(prints) == 1 else f"MIXED {sorted(prints)}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(results, args, out, Path(args.work), max(walls, default=0.0),
+                  "merged from " + "; ".join(str(f) for f in files) + " (longest part's wall time)")
 
 
 def replot(saved_json: Path, out: Path) -> None:
@@ -341,7 +586,7 @@ def write_outputs(results: dict[str, dict[int, dict[str, Any]]], args: argparse.
           f"Command: `{command}`  ", f"Wall time: {wall / 60:.1f} min on this machine (2 CPU cores, shared); "
           f"seeds {args.seeds}; {args.steps} steps x {args.batch} pairs per method; bundled corpus; tiny model "
           f"`{getattr(args, 'model_fingerprint', 'n/a')}` (SHA-256 of its weights).", "",
-          tables(agg), diagnostics(results, work, list(args.seeds))]
+          stats_tables(results), lambda_tables(results, work), tables(agg), diagnostics(results, work, list(args.seeds))]
     (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     (out / f"{args.tag}.json").write_text(json.dumps({"command": command, "wall_time_s": wall, "args": vars(args),
                                                       "aggregate": agg, "runs": results}, indent=2, default=str))

@@ -346,11 +346,14 @@ def run_one(row: Row, repeat: int, args: argparse.Namespace, out: Path) -> dict[
         pps = _steady([s["pairs_per_s"] for s in steps], args.warmup)
         tps = _steady([s["tokens_per_s"] for s in steps], args.warmup)
         report = json.loads((run_dir / "data_report.json").read_text()).get("reference", {})
+        # One entry per pass of the reference stage (``pairs`` = train+test in one pass, or ``test`` alone).
+        stages = [i for i in report.values() if isinstance(i, dict) and "seconds" in i]
         summary = json.loads((run_dir / "summary.json").read_text())
         rec.update(steps=len(steps), pairs_per_s=statistics.median(pps), tokens_per_s=statistics.median(tps),
                    padding_share=statistics.median(_steady([s.get("padding_share", 0.0) for s in steps], args.warmup)),
                    fit_wall_s=summary.get("wall_time_s"),
-                   reference_s=report.get("train", {}).get("seconds"), reference_hit=report.get("train", {}).get("hit"))
+                   reference_s=sum(i["seconds"] for i in stages) if stages else None,
+                   reference_hit=all(i["hit"] for i in stages) if stages else None)
     else:
         child = json.loads(result_path.read_text())
         times = _steady(child["step_times"], args.warmup)
@@ -550,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in order:
             rec = run_one(row, rep, args, args.out)
             records.append(rec)
+            # Written after every run, so an interrupted benchmark keeps what it measured.
+            (args.out / "throughput.partial.json").write_text(json.dumps(records, indent=2, default=str))
             print(f"[{time.time() - started:7.0f}s] {row.label} r{rep}: rc={rec['rc']} "
                   f"{rec.get('pairs_per_s', float('nan')):.1f} pairs/s, wall {rec['wall_s']:.1f}s, "
                   f"load {rec['load_start'][0]:.1f}->{rec['load_end'][0]:.1f}", flush=True)

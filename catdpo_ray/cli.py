@@ -27,7 +27,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = run_training(_load(args))
     if result.summary.get("status") == "interrupted":
-        return 130  # the driver printed the resume command
+        # The driver printed the resume command and wrote every file (atomically). In local mode the training
+        # thread may still sit inside a Ray Data iterator; a normal interpreter exit would then print its
+        # shutdown traceback after our message. End here instead.
+        import os
+
+        import ray
+
+        ray.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     if result.error is not None:
         print(f"training stopped: {result.summary.get('error')}", file=sys.stderr)
         return 1

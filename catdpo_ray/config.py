@@ -473,6 +473,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         return _build(tp, value, key + ".")
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in choices or (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
             raise ConfigError(f"{key}: {value!r} is not valid; choose one of {list(choices)}")
         return value

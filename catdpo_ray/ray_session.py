@@ -57,7 +57,9 @@ def init_ray(cfg: RunConfig) -> None:
     # Quiet framework start-up in every worker (transformers advisories, DeepSpeed's accelerator notice).
     runtime_env = {"env_vars": worker_env(use_gpu=cfg.scaling.use_gpu)}
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        # A submitted job already has a runtime env (working dir, env vars) that Ray refuses to merge with
+        # another: the workers inherit the job's; only this driver process is quieted (above).
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING",
                  runtime_env=runtime_env)

@@ -15,3 +15,14 @@ def tiny_model_dir() -> str:
 
     cache = os.environ.get("CATDPO_CACHE") or str(Path.home() / ".cache" / "catdpo_ray")
     return str(ensure_tiny_model(cache))
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_zero3_config() -> None:
+    """A ZeRO-3 engine built in a test registers transformers' global HfDeepSpeedConfig; while it lives,
+    every later ``from_pretrained`` in the process partitions weights (zero.Init). Reset it after each test."""
+    yield
+    import sys
+
+    if "transformers.integrations.deepspeed" in sys.modules:
+        sys.modules["transformers.integrations.deepspeed"].unset_hf_deepspeed_config()

@@ -60,6 +60,8 @@ class Restored:
     info: dict[str, Any] = field(default_factory=dict)
     #: Worker-side state saved beside the dual state (e.g. the on-policy signal's held rates), every rank.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The checkpoint is a run's final one (its final evaluation and checkpoint rows are already logged).
+    final: bool = False
 
 
 def checkpoint_name(step: int) -> str:
@@ -160,7 +162,7 @@ def restore(engine: Any, cfg: RunConfig, plan: dict[str, Any], device: torch.dev
     if rejected:
         info["rejected_checkpoints"] = rejected
     return Restored(step=int(state["step"]), dual_state=state["dual"] if rank == 0 else None, from_checkpoint=True,
-                    info=info, extra=state.get("extra", {}))
+                    info=info, extra=state.get("extra", {}), final=bool(state.get("final")))
 
 
 def _optimizer_steps(engine: Any) -> float:

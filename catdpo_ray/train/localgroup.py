@@ -8,7 +8,6 @@ same process (tests, sweeps in local mode) starts from a clean slate.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,15 +23,13 @@ def release_local_group() -> None:
 
 
 def init_local_group() -> None:
-    """Create a fresh 1-rank gloo group on 127.0.0.1 (releasing any previous one)."""
+    """Create a fresh 1-rank gloo group (releasing any previous one)."""
     import torch.distributed as dist
 
     release_local_group()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # One rank needs no rendezvous: an in-memory store, no port (a free-port probe can race another process).
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 @contextmanager

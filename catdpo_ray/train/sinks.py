@@ -182,6 +182,7 @@ class MetricSinks:
             self._written.clear()
             self._cut_back(max_step=row["step"], why=f"resumed from the checkpoint at step {row['step']} with the saved lambda")
             _truncate_jsonl(self.onpolicy_path, row["step"])
+            self._reload_last()
             for line in row.get("rejected_checkpoints", []):
                 self._print(f"WARNING: checkpoint skipped, {line}; resumed from an older one", force=True)
         elif kind == "controller_restored":
@@ -225,6 +226,17 @@ class MetricSinks:
             self._warned[row["message"]] = seen + 1
             if not seen:
                 self._print(f"WARNING at step {row['step']}: {row['message']}", force=True)
+
+    def _reload_last(self) -> None:
+        """After a cut-back to a checkpoint: the last step and eval rows kept in ``metrics.jsonl`` (a run resumed
+        from its final checkpoint logs no new ones, and its summary and model card still need them)."""
+        self.last_step = self.last_eval = None
+        for line in self.metrics_path.read_text().splitlines():
+            row = json.loads(line)  # the cut-back left only whole lines
+            if row.get("kind") == "step":
+                self.last_step = row
+            elif row.get("kind") == "eval":
+                self.last_eval = row
 
     def _write_onpolicy(self, row: dict[str, Any]) -> None:
         """``onpolicy.jsonl``: one line per sampled answer (step, category, prompt, answer, verdict), and

@@ -184,7 +184,8 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
 
     def run_eval(at_step: int) -> dict[str, Any]:
         """Held-out preference accuracy (policy, reference, implicit reward); numeric keys for Ray/Tune."""
-        ev = heldout_eval(models, ray.train.get_dataset_shard("test"), collate, batch_size=cfg.train.micro_batch_size,
+        # No gradients are kept here, so batches 4x the training micro-batch fit wherever training does.
+        ev = heldout_eval(models, ray.train.get_dataset_shard("test"), collate, batch_size=4 * cfg.train.micro_batch_size,
                           num_rows=plan["num_test_pairs"], categories=list(cfg.data.categories), beta=cfg.loss.beta,
                           lambdas=dual[:k], binding=dual[k:], device=device)
         if link is not None:
@@ -258,9 +259,12 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
             if link is not None:
                 link.record({"kind": "warning", "step": step, "message": "no full step left in the data"})
             break
-    metrics = {"step": step}
-    if cfg.train.eval_before_after:
-        metrics.update(run_eval(step))
-    C.save(engine, cfg, plan, link, step, metrics, final=True, extra=extra_state())
+    # Resumed from the run's own final checkpoint (e.g. killed during the export): its final evaluation and
+    # checkpoint are done and logged; only the export is left. Anything else ends with both, as usual.
+    if not (restored.final and step == total_steps and restored.step == total_steps):
+        metrics = {"step": step}
+        if cfg.train.eval_before_after:
+            metrics.update(run_eval(step))
+        C.save(engine, cfg, plan, link, step, metrics, final=True, extra=extra_state())
     if cfg.output.save_final:
         C.export_final(models, cfg, plan, tokenizer, device)
