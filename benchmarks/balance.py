@@ -1,7 +1,9 @@
 """The per-category balance benchmark: DPO-helpful, DPO-SafeBetter, SafeDPO, B-DPO and Cat-DPO.
 
-    python benchmarks/balance.py                       # 5 methods x 3 seeds, about 30 min on 2 CPU cores
-    python benchmarks/balance.py --seeds 0 --steps 40  # a quick look
+    python benchmarks/balance.py                       # default regime: 6 methods x 5 seeds (hours on 2 shared cores)
+    python benchmarks/balance.py --jobs 3 --split seeds    # the same in 3 processes, seed by seed
+    python benchmarks/balance.py --quick               # the old fast setting (3 seeds, 100 steps, lr 5e-4)
+    python benchmarks/balance.py --merge part-0.json part-1.json --tag t   # tables from (partial) part files
     python benchmarks/balance.py --methods Cat-DPO "Cat-DPO[hard]" "Cat-DPO[max]"   # ablations
 
 Every method starts from the same tiny warm-started model (``catdpo_ray.tiny``), trains on the
@@ -374,8 +376,9 @@ def _binned(steps: list[int], values: list[dict[str, float | None]], hard: set[s
 
 
 def dual_trace(run_dir: Path) -> dict[str, Any]:
-    """What the dual variables did in one run: final lambda per category, and lambda / offline violation /
-    on-policy unsafe rate of the hard vs easy categories over 10 step windows."""
+    """What the dual variables did in one run: final lambda per category, and lambda / the violation rate fed
+    to the dual update (``metrics.jsonl``: sigma(-beta Delta) for ``soft``, the judged rate for ``generation``)
+    / the on-policy unsafe rate (``onpolicy.jsonl``) of the hard vs easy categories over 10 step windows."""
     from catdpo_ray.data.synth import CATEGORY_SPECS
     from catdpo_ray.eval.plots import read_lambdas
 
@@ -495,7 +498,7 @@ def lambda_tables(results: dict[str, dict[int, dict[str, Any]]], work: Path | No
         lines += [f"**{m}, seed {s}: trajectories** (mean over the hard / easy categories, 10 step windows)", "",
                   "| signal | " + " | ".join(str(x) for x in d.get("lambda", {}).get("step", [])) + " |",
                   "|---|" + "---:|" * len(d.get("lambda", {}).get("step", []))]
-        for key, label in (("lambda", "λ"), ("offline_violation", "offline violation σ(−βΔθ)"),
+        for key, label in (("lambda", "λ"), ("offline_violation", "violation fed to λ (soft: σ(−βΔθ); gen: judged rate)"),
                            ("onpolicy_unsafe", "on-policy unsafe rate")):
             t = d.get(key)
             if not t or not t.get("step"):

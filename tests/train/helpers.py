@@ -55,3 +55,20 @@ def replay_dual(cfg: Any, steps: list[dict[str, Any]]) -> list[list[float]]:
         lam = state.update(torch.tensor(row["v"], dtype=torch.float64), torch.tensor(row["n"], dtype=torch.float64))
         out.append(lam.tolist())
     return out
+
+
+def check_generation_rounds(run: Path, steps: list[dict[str, Any]], every: int) -> None:
+    """dual.violation=generation: (n, v) of a step are the judged answers of that step's round (0 between
+    rounds, so lambda holds there), exactly the verdicts written to onpolicy.jsonl."""
+    lines = [json.loads(line) for line in (run / "onpolicy.jsonl").read_text().splitlines()]
+    rounds = [r["step"] for r in lines if r.get("kind") == "rate"]
+    assert rounds == [s for s in range(1, len(steps) + 1) if s % every == 0]
+    categories = list(steps[0]["violation_rate"])
+    for row in steps:
+        answers = [r for r in lines if r.get("kind") != "rate" and r["step"] == row["step"] and r["safe"] is not None]
+        n = [float(sum(a["category"] == c for a in answers)) for c in categories]
+        v = [float(sum(a["category"] == c and not a["safe"] for a in answers)) for c in categories]
+        assert (row["n"], row["v"]) == (n, v), row["step"]
+        if row["step"] % every:
+            assert sum(row["n"]) == 0
+    assert sum(sum(r["n"]) for r in steps) > 0

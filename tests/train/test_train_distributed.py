@@ -18,7 +18,7 @@ import torch
 
 from catdpo_ray.config import load_config
 from catdpo_ray.train.driver import run_training
-from tests.train.helpers import read_lambdas_csv, read_rows, replay_dual, small_corpus
+from tests.train.helpers import check_generation_rounds, read_lambdas_csv, read_rows, replay_dual, small_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,11 @@ def test_zero3_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Path) ->
     train, test = small_corpus(tmp_path, 300, 120)
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.test={test}", f"output.dir={tmp_path}",
               "output.name=z3", "scaling.num_workers=2", "train.zero_stage=3", "train.micro_batch_size=8",
-              "train.max_steps=14", "train.checkpoint_every=4", "logging.tensorboard=false"]
+              "train.max_steps=14", "train.checkpoint_every=4", "logging.tensorboard=false",
+              # the on-policy violation signal under ZeRO-3 (generation gathers the partitioned weights): a round
+              # every 3 steps, one prompt per category, rounds 6, 9, 12 after the resume at step 4
+              "dual.violation=generation", "dual.generation_every=3", "dual.generation_prompts_per_category=1",
+              "dual.generation_max_new_tokens=8"]
     staged_before = set(Path(tempfile.gettempdir()).glob("catdpo-ckpt-*"))
     first = run_training(load_config(None, [*common, "train.stop_after_step=4"]))
     assert first.error is not None and "stop_after_step" in str(first.summary.get("error"))
@@ -122,6 +126,7 @@ def test_zero3_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Path) ->
     assert all(len(r["lambda_digests"]) == 2 and len(set(r["lambda_digests"])) == 1 for r in steps)
     dpo = [r["dpo_loss"] for r in steps]
     assert sum(dpo[-4:]) / 4 < sum(dpo[:4]) / 4 - 0.05, dpo
+    check_generation_rounds(run, steps, every=3)
     # final/ (16-bit-gathered ZeRO-3 export) loads and beats the reference on held-out accuracy
     after = _likelihood_accuracy(str(run / "final"), test, tiny_model_dir)
     before = _likelihood_accuracy(tiny_model_dir, test, tiny_model_dir)

@@ -156,3 +156,25 @@ def test_storage_location_passes_uris_through_and_resolves_paths(tmp_path: Path,
     assert storage_location(load_config(None, ["output.storage_path=s3://bucket/runs/"])) == "s3://bucket/runs"
     assert storage_location(load_config(None, ["output.storage_path=rel/store"])) == str(tmp_path / "rel" / "store")
     assert storage_location(load_config(None, ["output.dir=out"])) == str(tmp_path / "out" / "ray_storage")
+
+
+def test_generation_violation_signal_drives_lambda_exactly(tiny_model_dir: str, tmp_path: Path) -> None:
+    """dual.violation=generation end to end: every 2 steps the policy's sampled answers are judged; the
+    logged (n, v) are exactly the written verdicts, and lambda is a bit-for-bit replay of them."""
+    import json
+
+    from tests.train.helpers import check_generation_rounds, read_lambdas_csv, replay_dual
+
+    train, test = small_corpus(tmp_path, 64, 24)
+    cfg = _cfg(tiny_model_dir, train, test, tmp_path, "train.max_steps=6", "dual.violation=generation",
+               "dual.generation_every=2", "dual.generation_prompts_per_category=2", "dual.generation_max_new_tokens=12",
+               "dual.eta=2.0", "train.eval_before_after=false")
+    init_ray(cfg)
+    result = _fit(cfg, prepare_data(cfg, tmp_path / "prep", verbose=False), tmp_path, "gen")
+    assert result.error is None, result.summary.get("error")
+    steps = read_rows(result.run_dir, "step")
+    check_generation_rounds(result.run_dir, steps, every=2)
+    assert [r[1:] for r in read_lambdas_csv(result.run_dir)] == replay_dual(cfg, steps)
+    rates = [json.loads(line) for line in (result.run_dir / "onpolicy.jsonl").read_text().splitlines()
+             if '"kind": "rate"' in line]
+    assert all(set(r["unsafe_rate"]) == set(cfg.data.categories) for r in rates)
