@@ -34,9 +34,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         import ray
 
-        ray.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)  # what follows is shutdown noise of the stopped pipeline
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        ray.shutdown()  # stops the local cluster this process started
         os._exit(130)
     if result.error is not None:
         print(f"training stopped: {result.summary.get('error')}", file=sys.stderr)

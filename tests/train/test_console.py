@@ -17,7 +17,8 @@ def test_framework_loggers_and_warnings_go_to_the_file_only(tmp_path: Path, caps
     import deepspeed  # noqa: F401  - installs the DeepSpeed logger and its stdout handler
 
     capsys.readouterr()  # DeepSpeed's import-time accelerator warning: before setup_console, not its business
-    logging.getLogger("DeepSpeed").setLevel(logging.NOTSET)  # an earlier in-process run's quiet_worker() raised it
+    for name in ("DeepSpeed", "transformers", "torch.distributed"):  # an earlier in-process run's quiet_worker()
+        logging.getLogger(name).setLevel(logging.NOTSET)              # raised these; the file must see warnings
     ds_handlers = list(logging.getLogger("DeepSpeed").handlers)
     out = io.StringIO()
     console = setup_console(tmp_path, console=out, route_workers=False)

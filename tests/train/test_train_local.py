@@ -135,11 +135,15 @@ def test_local_mode_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Pat
     assert [r["step"] for r in read_rows(second.run_dir, "step")] == [1, 2, 3, 4, 5]
     local = tmp_path / "ray_storage" / "loc" / "local_checkpoints"
     assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000004", "checkpoint_000005"]
-    # the finished run again: it resumes at its last step and rewrites that checkpoint in place, safely
+    # the finished run again: it resumes from its final checkpoint, whose evaluation and checkpoint are done and
+    # logged, so it neither logs them twice nor rewrites the checkpoint; it only exports final/ again
+    evals_before = len(read_rows(second.run_dir, "eval")) + len(read_rows(second.run_dir, "checkpoint"))
     third = run_training(load_config(None, [*common, "output.num_checkpoints_to_keep=1"]))
     assert third.error is None, third.summary.get("error")
     assert read_rows(third.run_dir, "resume")[-1]["step"] == 5
-    assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000005"]
+    assert len(read_rows(third.run_dir, "eval")) + len(read_rows(third.run_dir, "checkpoint")) == evals_before
+    assert sorted(p.name for p in local.iterdir()) == ["checkpoint_000004", "checkpoint_000005"]
+    assert (third.run_dir / "final" / "model.safetensors").exists()
     # same name, a config with another data layout: refused before anything runs, config.yaml untouched
     from catdpo_ray.train.resume import ResumeRefused
 
