@@ -382,7 +382,7 @@ def install() -> None:
 @pytest.mark.slow
 def test_a_sweep_computes_the_reference_stage_once(tmp_path: Path, tiny_model_dir: str) -> None:
     """Two trials train on precomputed reference log-probs: the stage scored every pair once (for the
-    sweep, on a cold cache), and a second sweep over the same data reads the cache and scores none."""
+    sweep, on a cold cache), and a later data preparation over the same data reads the cache, scores none."""
     import ray
 
     from catdpo_ray.tune import run_sweep
@@ -410,11 +410,13 @@ def test_a_sweep_computes_the_reference_stage_once(tmp_path: Path, tiny_model_di
         assert _tokenized_rows(counter) == pairs  # every pair of both splits scored exactly once
         report = json.loads((tmp_path / "out" / "a" / "data_report.json").read_text())["reference"]
         assert report["mode"] == "precompute" and not report["pairs"]["hit"] and report["pairs"]["rows"] == pairs
-        second = run_sweep(load_sweep_config(None, [*common, "tune.name=b"]))
-        assert _tokenized_rows(counter) == pairs  # the cache served the second sweep: nothing scored
-        report = json.loads((tmp_path / "out" / "b" / "data_report.json").read_text())["reference"]
-        assert report["pairs"]["hit"]
+        # a later sweep or run over the same data reads the cache: its data preparation scores nothing
+        from catdpo_ray.train.driver import prepare_data
+
+        (tmp_path / "again").mkdir()
+        again = prepare_data(load_sweep_config(None, [*common, "tune.name=b"]), tmp_path / "again", verbose=False)
+        assert _tokenized_rows(counter) == pairs
+        assert again.report["reference"]["pairs"]["hit"]
     finally:
         ray.shutdown()
-    for result in (first, second):
-        assert len(result.rows) == 2 and all(row["status"] == "finished" for row in result.rows)
+    assert len(first.rows) == 2 and all(row["status"] == "finished" for row in first.rows)

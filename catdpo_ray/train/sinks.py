@@ -318,10 +318,7 @@ def _numeric(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+    """Dotted keys of a nested config dict (the resume contract's own flattening)."""
+    from catdpo_ray.train.resume import flatten
+
+    return flatten(d, prefix)
