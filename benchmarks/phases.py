@@ -90,7 +90,7 @@ def phases(lines: list[tuple[float, str]], wall: float, run_dir: Path) -> dict[s
     fit_end = fit[0] + float(summary["wall_time_s"])
     out = {
         "python start, imports, config, read + validate + pair (driver)": pairs_done,
-        "ray.init + Ray Data start + tokenizer actor start (not separable from outside)": tok[0] - tok_s - pairs_done,
+        "ray.init + Ray Data start + tokenizer task start (not separable from outside)": tok[0] - tok_s - pairs_done,
         "tokenization (Ray Data, as printed)": tok_s,
     }
     # One entry per pass of the reference stage (``pairs``: train+test in one pass; ``test`` alone for SimPO).

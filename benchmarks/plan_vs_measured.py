@@ -10,8 +10,8 @@ to a temp dir with the tiny model's tokenizer; no hub), trains ``--steps`` steps
 ``catdpo_ray.train.driver.run_training`` (fp32, CPU, ``model.reference=online`` so the frozen
 reference engine is loaded too) and measures each Ray Train worker from outside.
 
-How it measures: a thread samples every 0.1 s the processes whose title contains
-``RayTrainWorker`` and reads ``VmHWM`` (the kernel's peak resident set) from ``/proc/<pid>/status``;
+How it measures: a thread samples every 0.1 s the descendants of this process (the workers of the
+Ray cluster it started; other jobs on the machine are not counted) whose title contains ``RayTrainWorker`` and reads ``VmHWM`` (the kernel's peak resident set) from ``/proc/<pid>/status``;
 the per-worker peak is the largest value seen. Peak RSS includes the fixed cost of a worker
 (Python, torch, Ray, DeepSpeed, transformers, gloo, shared libraries), so every configuration is
 also run with a *baseline* model of the same vocabulary and about 70k parameters, and the table
@@ -35,6 +35,7 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "base": (16, 1, 32, 2),
     "10M": (320, 8, 864, 5),
     "50M": (512, 14, 1376, 8),
+    "100M": (640, 18, 1728, 10),
     "150M": (768, 20, 2048, 12),
 }
 
@@ -50,17 +51,21 @@ class PeakSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:  # this process's own Ray cluster only: its raylet's workers are our descendants
+                procs = psutil.Process().children(recursive=True)
+            except psutil.Error:
+                procs = []
+            for proc in procs:
                 try:
-                    if "RayTrainWorker" not in " ".join(proc.info["cmdline"] or []):
+                    if "RayTrainWorker" not in " ".join(proc.cmdline()):
                         continue
-                    status = Path(f"/proc/{proc.info['pid']}/status").read_text()
+                    status = Path(f"/proc/{proc.pid}/status").read_text()
                 except (OSError, psutil.Error):
                     continue
                 for line in status.splitlines():
                     if line.startswith("VmHWM:"):
                         kb = int(line.split()[1])
-                        self.peaks[proc.info["pid"]] = max(self.peaks.get(proc.info["pid"], 0), kb * 1024)
+                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), kb * 1024)
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> PeakSampler:
@@ -77,6 +82,8 @@ def build_model(size: str, root: Path, tokenizer_dir: str) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    if size == "tiny":  # the bundled tiny model itself (trained SFT weights)
+        return tokenizer_dir
     hidden, layers, inter, heads = SIZES[size]
     out = root / f"llama-{size}"
     if (out / "config.json").exists():
@@ -91,12 +98,11 @@ def build_model(size: str, root: Path, tokenizer_dir: str) -> str:
     return str(out)
 
 
-def overrides(model_dir: str, workers: int, stage: int, steps: int, out_dir: str, micro: int, max_len: int) -> list[str]:
-    from catdpo_ray.config import ModelConfig
-
-    # An online reference engine is loaded (the worker's memory this measures includes it).
-    ref = ["model.reference=online"] if "reference" in ModelConfig.__dataclass_fields__ else []
-    return [f"model.name_or_path={model_dir}", *ref, f"scaling.num_workers={workers}",
+def overrides(model_dir: str, workers: int, stage: int, steps: int, out_dir: str, micro: int, max_len: int,
+              reference: str = "online") -> list[str]:
+    # online: the worker loads a frozen reference engine (its memory is measured); precompute: the
+    # reference stage scores the pairs in a Ray Data actor before the workers start, and they load none.
+    return [f"model.name_or_path={model_dir}", f"model.reference={reference}", f"scaling.num_workers={workers}",
             f"train.zero_stage={stage}", "train.precision=fp32", f"train.max_steps={steps}",
             f"train.micro_batch_size={micro}", "train.grad_accum=1", f"data.max_length={max_len}",
             f"data.max_prompt_length={max_len // 2}", f"data.max_train_rows={micro * workers * (steps + 1) * 2}",
@@ -120,7 +126,9 @@ def run_one(model_dir: str, ov: list[str]) -> tuple[list[int], float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["10M", "50M"], choices=[s for s in SIZES if s != "base"])
+    ap.add_argument("--sizes", nargs="+", default=["10M", "50M"], choices=["tiny", *[s for s in SIZES if s != "base"]])
+    ap.add_argument("--references", nargs="+", default=["online"], choices=["online", "precompute"],
+                    help="online: workers hold a frozen reference engine; precompute: they load none")
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--stages", nargs="+", type=int, default=[0, 2, 3])
     ap.add_argument("--steps", type=int, default=3)
@@ -140,27 +148,32 @@ def main() -> None:
     tiny = str(ensure_tiny_model(None))
     base_dir = build_model("base", root, tiny)
     rows = []
-    for workers in args.workers:
-        for stage in args.stages:
-            base_ov = overrides(base_dir, workers, stage, args.steps, str(root / "runs"), args.micro, args.max_length)
-            base_peaks, _ = run_one(base_dir, base_ov)
-            base_plan = plan_memory(load_shape(base_dir), settings_from_config(load_config(None, base_ov)))
-            for size in args.sizes:
-                model_dir = build_model(size, root, tiny)
-                ov = overrides(model_dir, workers, stage, args.steps, str(root / "runs"), args.micro, args.max_length)
-                peaks, wall = run_one(model_dir, ov)
-                plan = plan_memory(load_shape(model_dir), settings_from_config(load_config(None, ov)))
-                planned = plan.device_total - base_plan.device_total
-                measured = max(peaks) - max(base_peaks)
-                row = (size, plan.total_params, workers, stage, planned, measured, max(peaks), max(base_peaks), wall)
-                rows.append(row)
-                print(f"[bench] {size} W={workers} ZeRO-{stage}: plan {planned / 2**20:.0f} MiB, measured "
-                      f"{measured / 2**20:.0f} MiB (peaks {[p // 2**20 for p in peaks]} MiB, baseline "
-                      f"{[p // 2**20 for p in base_peaks]} MiB), {wall:.0f}s", flush=True)
-    print("\n| model | params | workers | ZeRO | plan (MiB) | measured (MiB) | plan / measured | raw peak (MiB) | baseline peak (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for size, p, w, z, planned, measured, raw, base, _ in rows:
-        print(f"| {size} | {p / 1e6:.1f}M | {w} | {z} | {planned / 2**20:.0f} | {measured / 2**20:.0f} | "
+    for reference in args.references:
+        for workers in args.workers:
+            for stage in args.stages:
+                base_ov = overrides(base_dir, workers, stage, args.steps, str(root / "runs"), args.micro,
+                                    args.max_length, reference)
+                base_peaks, _ = run_one(base_dir, base_ov)
+                base_plan = plan_memory(load_shape(base_dir), settings_from_config(load_config(None, base_ov)))
+                for size in args.sizes:
+                    model_dir = build_model(size, root, tiny)
+                    ov = overrides(model_dir, workers, stage, args.steps, str(root / "runs"), args.micro,
+                                   args.max_length, reference)
+                    peaks, wall = run_one(model_dir, ov)
+                    plan = plan_memory(load_shape(model_dir), settings_from_config(load_config(None, ov)))
+                    planned = plan.device_total - base_plan.device_total
+                    measured = max(peaks) - max(base_peaks)
+                    row = (size, plan.total_params, reference, workers, stage, planned, measured, max(peaks),
+                           max(base_peaks), wall)
+                    rows.append(row)
+                    print(f"[bench] {size} ref={reference} W={workers} ZeRO-{stage}: plan {planned / 2**20:.0f} MiB, "
+                          f"measured {measured / 2**20:.0f} MiB (peaks {[p // 2**20 for p in peaks]} MiB, baseline "
+                          f"{[p // 2**20 for p in base_peaks]} MiB), {wall:.0f}s", flush=True)
+    print("\n| model | params | reference | workers | ZeRO | plan (MiB) | measured (MiB) | plan / measured | "
+          "raw peak (MiB) | baseline peak (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size, p, ref, w, z, planned, measured, raw, base, _ in rows:
+        print(f"| {size} | {p / 1e6:.1f}M | {ref} | {w} | {z} | {planned / 2**20:.0f} | {measured / 2**20:.0f} | "
               f"{planned / measured:.2f} | {raw / 2**20:.0f} | {base / 2**20:.0f} |")
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)

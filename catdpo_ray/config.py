@@ -175,6 +175,11 @@ class DualConfig:
     lambda_init: float | list[float] = 0.0
     lambda_max: float = 100.0
     update_every: int = 1
+    #: Every N optimizer steps the workers all-gather the lambda they hold and refuse to go on unless it is
+    #: bit-identical on every rank (digests in the step row). Rank 0 broadcasts lambda every step, so this
+    #: verifies rather than synchronises; 1 = every step (one more collective per step, ~0.4 ms on 2 CPU
+    #: workers with gloo).
+    check_every: int = 10
     #: Violation estimate fed to the dual update. Offline, from the training batch's safe-vs-unsafe
     #: pairs: ``soft`` sigma(-beta Delta), ``hard`` 1[beta Delta <= 0], ``likelihood`` (METHOD.md
     #: section 4). On-policy: ``generation`` = unsafe answers among the policy's own samples on
@@ -617,6 +622,7 @@ RANGES: dict[str, Bound] = {
     "dual.epsilon": Bound(0.0, 1.0, why="a violation rate"),
     "dual.lambda_max": _POSITIVE,
     "dual.update_every": _AT_LEAST_ONE,
+    "dual.check_every": _AT_LEAST_ONE,
     # The on-policy keys are also checked in DualConfig.__post_init__ (same messages).
     "dual.generation_every": _AT_LEAST_ONE,
     "dual.generation_prompts_per_category": _AT_LEAST_ONE,

@@ -124,6 +124,7 @@ BAD_VALUES: list[tuple[list[str], str]] = [
      "dual.epsilon[1]: must be in [0, 1] (a violation rate), got -0.2"),
     (["dual.lambda_max=0"], "dual.lambda_max: must be > 0, got 0.0"),
     (["dual.update_every=0"], "dual.update_every: must be >= 1, got 0"),
+    (["dual.check_every=0"], "dual.check_every: must be >= 1, got 0"),
     (["dual.generation_every=0"], "dual.generation_every: must be >= 1, got 0"),
     (["dual.generation_prompts_per_category=0"], "dual.generation_prompts_per_category: must be >= 1, got 0"),
     (["dual.generation_pool_per_category=0"], "dual.generation_pool_per_category: must be >= 1, got 0"),

@@ -58,3 +58,18 @@ def test_cli_entry_point_and_config_errors() -> None:
     assert main(["config", "dual.eta=0.3"]) == 0
     assert main(["config", "dual.eta=fast"]) == 2
     assert main(["config", "--reference"]) == 0
+
+
+def test_workers_import_deepspeed_without_mlflow_and_mlflow_still_imports_afterwards() -> None:
+    """The worker's DeepSpeed import skips the autotuner's `import mlflow` (seconds per worker start);
+    mlflow is importable afterwards. In a fresh process, as a Ray worker starts."""
+    code = (
+        "import sys, json; from catdpo_ray.train.modeling import import_deepspeed_in_worker as f; ds = f(); "
+        "had = 'mlflow' in sys.modules; from deepspeed.autotuning import autotuner; "
+        "ok = True\ntry:\n import mlflow\nexcept ImportError:\n ok = False\n"
+        "print(json.dumps({'had': had, 'has_mlflow': autotuner.has_mlflow, 'mlflow_after': ok, "
+        "'ds': ds is sys.modules['deepspeed']}))"
+    )
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"}).stdout.splitlines()[-1])
+    assert out == {"had": False, "has_mlflow": False, "mlflow_after": True, "ds": True}

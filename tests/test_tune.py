@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,8 @@ def test_random_and_optuna_turn_float_lists_into_ranges_and_other_lists_into_cho
         ("{dual.eta: [1.0]}", "tune.eta"),  # eta and epsilon have their own lists
         ("{train.seed: [0, 1]}", "train.seed"),  # with train.shuffle it orders the pairs before tokenization
         ("{train.shuffle: [true, false]}", "tokenized data"),
+        # a trial that never evaluates reports no score (Tune would fail later, naming no key)
+        ("{train.eval_before_after: [false]}", r"sweep trial with train.eval_before_after=False never evaluates"),
     ],
 )
 def test_axes_that_cannot_be_swept_fail_at_load_with_the_key(extra: str, message: str) -> None:
@@ -245,27 +248,33 @@ def test_random_search_heatmap_is_a_scatter(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# a real sweep: 2 trials, tokenized once
+# real sweeps in one Ray session: tokenized once, the reference stage scored once
 
-#: Installed by Ray in every worker process of the test's job (Ray Data tokenizer actors, Tune trial
-#: drivers, Train workers): each call of the real PairTokenizer appends "<pid> <rows>" to a file.
+#: Installed by Ray in every worker process of the test's job (Ray Data tokenization tasks, reference
+#: actors, Tune trial drivers, Train workers): each call of the real PairTokenizer / ReferenceScorer
+#: appends "<pid> <rows>" to its own file.
 _COUNT_HOOK = '''
 import os
 
 
-def install() -> None:
-    from catdpo_ray.data.tokenize import PairTokenizer
-
-    original = PairTokenizer.__call__
+def _count(cls, env: str) -> None:
+    original = cls.__call__
 
     def counted(self, batch):
         out = original(self, batch)
-        rows = len(next(iter(batch.values())))
-        with open(os.environ["CATDPO_TOKENIZE_COUNTER"], "a") as fh:
-            fh.write(f"{os.getpid()} {rows}\\n")
+        with open(os.environ[env], "a") as fh:
+            fh.write(f"{os.getpid()} {len(next(iter(batch.values())))}\\n")
         return out
 
-    PairTokenizer.__call__ = counted
+    cls.__call__ = counted
+
+
+def install() -> None:
+    from catdpo_ray.data.reference import ReferenceScorer
+    from catdpo_ray.data.tokenize import PairTokenizer
+
+    _count(PairTokenizer, "CATDPO_TOKENIZE_COUNTER")
+    _count(ReferenceScorer, "CATDPO_REFERENCE_COUNTER")
 '''
 
 
@@ -273,64 +282,79 @@ def _tokenized_rows(counter: Path) -> int:
     return sum(int(line.split()[1]) for line in counter.read_text().splitlines())
 
 
-@pytest.mark.slow
-def test_two_trial_sweep_tokenizes_once_stops_early_and_frees_everything(tmp_path: Path, tiny_model_dir: str) -> None:
-    """Two trials, one after the other: ``train.lr`` 5e-4, then 0. With lr 0 the policy stays the
-    reference, so its implicit reward is exactly 0 on every pair: helpfulness 0 % < the 1 % floor,
-    infeasible, score -inf, and ASHA stops it at its first evaluation (rung 1) -- deterministic."""
+@pytest.fixture
+def counting_ray(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A Ray session whose workers count the rows they tokenize and reference-score: (tokenize, reference)."""
     import ray
-
-    from catdpo_ray.tune import run_sweep
 
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
     (hook_dir / "catdpo_count_hook.py").write_text(textwrap.dedent(_COUNT_HOOK))
-    counter = tmp_path / "tokenize_calls.txt"
+    counters = (tmp_path / "tokenize_rows.txt", tmp_path / "reference_rows.txt")
+    for c in counters:
+        c.write_text("")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
+        "worker_process_setup_hook": "catdpo_count_hook.install",
+        "env_vars": {"PYTHONPATH": str(hook_dir), "CATDPO_TOKENIZE_COUNTER": str(counters[0]),
+                     "CATDPO_REFERENCE_COUNTER": str(counters[1])},
+    })
+    try:
+        yield counters
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_sweeps_tokenize_and_score_once_stop_early_and_free_everything(
+        tmp_path: Path, tiny_model_dir: str, counting_ray: tuple[Path, Path]) -> None:
+    """Sweep 1: two trials, one after the other: ``train.lr`` 5e-4, then 0. With lr 0 the policy stays the
+    reference, so its implicit reward is exactly 0 on every pair: helpfulness 0 % < the 1 % floor,
+    infeasible, score -inf, and ASHA stops it at its first evaluation (rung 1) -- deterministic.
+    Sweep 2: two trials at once on precomputed reference log-probs: the stage scored every pair once
+    (cold cache), and a later data preparation over the same data reads the cache and scores none."""
+    from ray.util import placement_group_table
+    from ray.util.placement_group import placement_group
+
+    from catdpo_ray.train.driver import prepare_data
+    from catdpo_ray.tune import run_sweep
+
+    counter, ref_counter = counting_ray
     cfg = load_sweep_config(None, [
         f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=96", "data.max_test_rows=48",
         "tune.eta=[0.25]", "tune.epsilon=[0.05]", "tune.extra={train.lr: [0.0005, 0.0]}", "tune.max_concurrent=1",
         "train.max_steps=4", "train.eval_every=2", "tune.asha_grace_period=1", "tune.objective=eval/implicit_macro",
         "tune.helpfulness_floor=1.0", f"output.dir={tmp_path / 'out'}", "tune.name=sw", "logging.tensorboard=false",
         # lr 0 must leave the implicit reward exactly 0: an online reference pass computes the very same
-        # forward as the policy's (a precomputed one agrees only within float tolerance; tested below).
+        # forward as the policy's (a precomputed one agrees only within float tolerance; sweep 2 uses one).
         "model.reference=online", "train.packing=off",
     ])
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
-        "worker_process_setup_hook": "catdpo_count_hook.install",
-        "env_vars": {"PYTHONPATH": str(hook_dir), "CATDPO_TOKENIZE_COUNTER": str(counter)},
-    })
-    try:
-        result = run_sweep(cfg)
-        sweep = tmp_path / "out" / "sw"
-        summary = json.loads((sweep / "sweep.json").read_text())
-        pairs = summary["num_train_pairs"] + summary["num_test_pairs"]
+    result = run_sweep(cfg)
+    sweep = tmp_path / "out" / "sw"
+    summary = json.loads((sweep / "sweep.json").read_text())
+    pairs = summary["num_train_pairs"] + summary["num_test_pairs"]
 
-        # Tokenization ran once: every pair of both splits went through PairTokenizer exactly once,
-        # although two trials each trained on (and evaluated) the data.
-        assert _tokenized_rows(counter) == pairs
-        # Control: the counter does see a tokenization wherever Ray runs it.
-        from catdpo_ray.train.driver import prepare_data
+    # Tokenization ran once: every pair of both splits went through PairTokenizer exactly once,
+    # although two trials each trained on (and evaluated) the data.
+    assert _tokenized_rows(counter) == pairs
+    assert _tokenized_rows(ref_counter) == 0  # online: no reference stage
+    # Control: the counter does see a tokenization wherever Ray runs it.
+    (tmp_path / "control").mkdir()
+    prepare_data(cfg, tmp_path / "control", verbose=False)
+    assert _tokenized_rows(counter) == 2 * pairs
 
-        (tmp_path / "control").mkdir()
-        prepare_data(cfg, tmp_path / "control", verbose=False)
-        assert _tokenized_rows(counter) == 2 * pairs
+    # Nothing stays reserved: the stopped trial's Train placement group was freed too (Ray's own
+    # cleaner cannot, without a State API), and the janitor frees a logged group still alive.
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+    leaked = placement_group([{"CPU": 1}])
+    import ray
 
-        # Nothing stays reserved: the stopped trial's Train placement group was freed too (Ray's own
-        # cleaner cannot, without a State API), and the janitor frees a logged group still alive.
-        from ray.util import placement_group_table
-        from ray.util.placement_group import placement_group
-
-        assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
-        leaked = placement_group([{"CPU": 1}])
-        ray.get(leaked.ready())
-        log = tmp_path / "leaked.txt"
-        log.write_text(leaked.id.hex() + "\n")
-        assert release_placement_groups(log) == 1 and release_placement_groups(log) == 0
-        assert placement_group_table(leaked)["state"] == "REMOVED"
-    finally:
-        ray.shutdown()
+    ray.get(leaked.ready())
+    log = tmp_path / "leaked.txt"
+    log.write_text(leaked.id.hex() + "\n")
+    assert release_placement_groups(log) == 1 and release_placement_groups(log) == 0
+    assert placement_group_table(leaked)["state"] == "REMOVED"
 
     by_lr = {row["train.lr"]: row for row in result.rows}
     trained, frozen = by_lr[0.0005], by_lr[0.0]
@@ -358,65 +382,24 @@ def test_two_trial_sweep_tokenizes_once_stops_early_and_frees_everything(tmp_pat
     assert best.train.lr == 0.0005 and best.dual.epsilon == 0.05 and best.train.max_steps == 4
     assert sys.modules.get("catdpo_count_hook") is None  # the hook ran in Ray workers, not in this process
 
-
-#: Counts the rows the reference stage scores, in every Ray process of the test's job.
-_REFERENCE_HOOK = '''
-import os
-
-
-def install() -> None:
-    from catdpo_ray.data.reference import ReferenceScorer
-
-    original = ReferenceScorer.__call__
-
-    def counted(self, batch):
-        out = original(self, batch)
-        with open(os.environ["CATDPO_REFERENCE_COUNTER"], "a") as fh:
-            fh.write(f"{os.getpid()} {len(next(iter(batch.values())))}\\n")
-        return out
-
-    ReferenceScorer.__call__ = counted
-'''
-
-
-@pytest.mark.slow
-def test_a_sweep_computes_the_reference_stage_once(tmp_path: Path, tiny_model_dir: str) -> None:
-    """Two trials train on precomputed reference log-probs: the stage scored every pair once (for the
-    sweep, on a cold cache), and a later data preparation over the same data reads the cache, scores none."""
-    import ray
-
-    from catdpo_ray.tune import run_sweep
-
-    hook_dir = tmp_path / "hook"
-    hook_dir.mkdir()
-    (hook_dir / "catdpo_reference_hook.py").write_text(textwrap.dedent(_REFERENCE_HOOK))
-    counter = tmp_path / "reference_rows.txt"
-    counter.write_text("")
+    # Sweep 2: the reference stage, once for all trials.
     common = [f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=48", "data.max_test_rows=24",
-              "tune.eta=[0.25, 1.0]", "tune.epsilon=[0.05]", "tune.max_concurrent=1", "tune.asha=false",
+              "tune.eta=[0.25, 1.0]", "tune.epsilon=[0.05]", "tune.max_concurrent=2", "tune.asha=false",
               "train.max_steps=2", "train.micro_batch_size=4", "model.reference=precompute",
+              # both trials at once (one worker each on the 2-CPU cluster); no export: the point is what the
+              # trials read (their final evaluation gives Tune its score)
+              "output.save_final=false",
               f"model.reference_cache_dir={tmp_path / 'refcache'}", f"output.dir={tmp_path / 'out'}",
               "logging.tensorboard=false"]
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
-        "worker_process_setup_hook": "catdpo_reference_hook.install",
-        "env_vars": {"PYTHONPATH": str(hook_dir), "CATDPO_REFERENCE_COUNTER": str(counter)},
-    })
-    try:
-        first = run_sweep(load_sweep_config(None, [*common, "tune.name=a"]))
-        summary = json.loads((tmp_path / "out" / "a" / "sweep.json").read_text())
-        pairs = summary["num_train_pairs"] + summary["num_test_pairs"]
-        assert _tokenized_rows(counter) == pairs  # every pair of both splits scored exactly once
-        report = json.loads((tmp_path / "out" / "a" / "data_report.json").read_text())["reference"]
-        assert report["mode"] == "precompute" and not report["pairs"]["hit"] and report["pairs"]["rows"] == pairs
-        # a later sweep or run over the same data reads the cache: its data preparation scores nothing
-        from catdpo_ray.train.driver import prepare_data
-
-        (tmp_path / "again").mkdir()
-        again = prepare_data(load_sweep_config(None, [*common, "tune.name=b"]), tmp_path / "again", verbose=False)
-        assert _tokenized_rows(counter) == pairs
-        assert again.report["reference"]["pairs"]["hit"]
-    finally:
-        ray.shutdown()
-    assert len(first.rows) == 2 and all(row["status"] == "finished" for row in first.rows)
+    second = run_sweep(load_sweep_config(None, [*common, "tune.name=a"]))
+    summary = json.loads((tmp_path / "out" / "a" / "sweep.json").read_text())
+    pairs = summary["num_train_pairs"] + summary["num_test_pairs"]
+    assert _tokenized_rows(ref_counter) == pairs  # every pair of both splits scored exactly once
+    report = json.loads((tmp_path / "out" / "a" / "data_report.json").read_text())["reference"]
+    assert report["mode"] == "precompute" and not report["pairs"]["hit"] and report["pairs"]["rows"] == pairs
+    # a later sweep or run over the same data reads the cache: its data preparation scores nothing
+    (tmp_path / "again").mkdir()
+    again = prepare_data(load_sweep_config(None, [*common, "tune.name=b"]), tmp_path / "again", verbose=False)
+    assert _tokenized_rows(ref_counter) == pairs
+    assert again.report["reference"]["pairs"]["hit"]
+    assert len(second.rows) == 2 and all(row["status"] == "finished" for row in second.rows)

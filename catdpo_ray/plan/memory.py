@@ -22,7 +22,13 @@ Conventions (bytes; ``P`` all parameters, ``P_t`` trainable ones (``P``, or the 
   ========  =========================  ===============================  ==========================
 
   ZeRO-3 adds the *gathered working set*: the largest module gathered in full plus the next one
-  prefetched, ``2 d L`` (``L`` = parameters of the largest module; DeepSpeed's ``4 L`` in bf16).
+  prefetched, ``2 d L`` (``L`` = parameters of the largest module; DeepSpeed's ``4 L`` in bf16),
+  and the *retained* gathered parameters: DeepSpeed does not release a gathered parameter whose
+  next use is within ``stage3_max_reuse_distance`` (1e9 elements) and keeps up to
+  ``stage3_max_live_parameters`` (1e9) resident, so after the first (tracing) step
+  ``d min(P, 1e9)`` stay gathered on every rank (the whole model below 1e9 parameters), the ``2 d L``
+  included. Its estimators leave this out; the CPU measurements in ``benchmarks/README.md`` show it.
+  An online ZeRO-3 reference engine retains its own ``d min(P, 1e9)``.
   The ``4P_t/N`` fp32 gradient of ZeRO-3 exists only during ``optimizer.step``; it is counted
   as if it coincided with the activations (conservative; DeepSpeed's ZeRO-3 estimator counts
   ``18 P/N`` where this counts ``20 P/N``: it leaves out the 16-bit parameter partition).
@@ -65,6 +71,8 @@ GIB = 1024**3
 #: DeepSpeed defaults (deepspeed/runtime/zero/config.py); ds_config.py does not override them.
 REDUCE_BUCKET_ELEMS = 500_000_000
 PREFETCH_BUCKET_ELEMS = 50_000_000
+#: stage3_max_live_parameters and stage3_max_reuse_distance (both 1e9 elements, DeepSpeed defaults).
+MAX_LIVE_PARAMS = 1_000_000_000
 FRAGMENTATION = 0.10
 CUDA_CONTEXT_BYTES = GIB // 2
 #: Host memory a GPU worker process holds besides model data (Python, torch + CUDA libs, Ray, DeepSpeed).
@@ -207,12 +215,16 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
     largest = shape.largest_module_params()
     if stage == 3:
         device["zero3 gathered params"] = 2 * d * largest
+        device["zero3 retained params"] = max(0, d * min(p_all, MAX_LIVE_PARAMS) - 2 * d * largest)
     # Reference: frozen engine (ZeRO-0 copy, or ZeRO-3 shard with the policy's offload setting).
-    ref = 0 if (s.lora or s.reference != "online") else (d * p // n if stage == 3 else d * p)
+    online_ref = not s.lora and s.reference == "online"
+    ref = 0 if not online_ref else (d * p // n if stage == 3 else d * p)
     if stage == 3 and s.offload_param:
         host["offloaded reference"] = ref
         ref = 0
     device["reference model"] = ref
+    if stage == 3 and online_ref:
+        device["reference retained params"] = d * min(p, MAX_LIVE_PARAMS)
 
     per_layer = activation_bytes_per_layer(shape, s)
     full_layer = per_layer[_attn_key(s.attn_implementation)]

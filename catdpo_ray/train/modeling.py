@@ -16,6 +16,32 @@ import torch
 from catdpo_ray.config import RunConfig
 
 
+def import_deepspeed_in_worker() -> Any:
+    """``import deepspeed`` in a Ray Train worker process, without the ``import mlflow`` it makes.
+
+    DeepSpeed's autotuner (``deepspeed/autotuning/autotuner.py``, imported by ``import deepspeed``)
+    imports mlflow when it is installed, for its own tuning runs: 1.3 s of every worker's start here
+    (mlflow-skinny 3.17). The trainer never runs DeepSpeed's autotuner and its workers never log to
+    MLflow (the driver does, ``logging.mlflow_tracking_uri``), so while DeepSpeed is imported
+    ``sys.modules["mlflow"]`` is set to None (the autotuner then records ``has_mlflow=False``) and
+    removed afterwards: a later ``import mlflow`` in the process works as usual. Only for worker
+    processes; local mode (the driver's own process) imports DeepSpeed plainly.
+    """
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
+    try:
+        import deepspeed
+    finally:
+        if sys.modules.get("mlflow", False) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def torch_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 

@@ -4,7 +4,7 @@ A resumed run must equal the uninterrupted one (same weights, λ by category nam
 it is checked against the config the checkpoint was trained with (``config`` in
 ``catdpo_state.json``), key by key. A key may differ only if it is listed in
 :data:`RESUMABLE_KEYS` (or under a prefix in :data:`RESUMABLE_PREFIXES`): these say how often to
-log, evaluate or checkpoint, where to report, how many failures to tolerate, or when to stop, and
+log, evaluate, checkpoint or verify, where to report, how many failures to tolerate, or when to stop, and
 change no arithmetic of the steps already taken or still to come. Everything else (lr and schedule,
 data, categories, loss, dual, model, ZeRO stage, workers, seed, shuffle, batch sizes ...) is refused
 with a message naming every differing key. ``train.max_steps`` and ``train.epochs`` change the
@@ -35,7 +35,7 @@ from catdpo_ray.train.sinks import atomic_write_text
 RESUMABLE_KEYS: frozenset[str] = frozenset({
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.stop_after_step",
     "train.eval_before_after", "output.max_failures", "output.num_checkpoints_to_keep", "output.save_final",
-    "output.max_shard_size",
+    "output.max_shard_size", "dual.check_every",
     "scaling.ray_address", "scaling.placement_strategy", "scaling.plan_check",
 })
 #: Whole sections that only report or evaluate (``catdpo-ray eval`` / sweeps), never train.

@@ -59,9 +59,11 @@ class SimulatedInterruption(RuntimeError):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``loop_config``: ``config`` (dict), ``plan`` (dict), ``controller``."""
     from catdpo_ray.train.localgroup import local_process_group
+    from catdpo_ray.train.modeling import import_deepspeed_in_worker
 
     cfg = from_dict(loop_config["config"])
     if cfg.scaling.num_workers != 0:
+        import_deepspeed_in_worker()  # a worker process of its own: skip DeepSpeed's mlflow import
         _train(cfg, loop_config["plan"], loop_config["controller"])
         return
     with local_process_group():
@@ -195,7 +197,7 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     # ---- train ----
     epoch = step // steps_per_epoch
     last_saved = step if restored.from_checkpoint else -1
-    check_every = max(1, int(getattr(cfg.dual, "check_every", 1)))
+    check_every = cfg.dual.check_every
     offline = offline_signal(cfg.dual.violation, cfg.dual.blend_offline)
     if models.mode == "none" and offline in ("soft", "hard"):
         offline = "likelihood"  # reference-free losses (SimPO) have no lambda; the logged rate needs no reference

@@ -10,7 +10,7 @@ evaluation.
 
 1. resolves the search axes (``tune.eta``, ``tune.epsilon``, ``tune.extra``) and checks that every
    value gives a valid config that needs the same tokenized data as the base config;
-2. tokenizes **once** on the driver (:func:`~catdpo_ray.train.driver.prepare_data`) and hands the
+2. tokenizes **once** on the driver (:func:`~catdpo_ray.train.prepare.prepare_data`) and hands the
    materialised datasets to every trial through ``tune.with_parameters`` (the object store);
 3. runs a ``Tuner`` (grid | random | Optuna), ASHA on the guarded score, at most as many trials at
    once as the cluster has CPUs/GPUs for;

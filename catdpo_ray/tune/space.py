@@ -59,15 +59,24 @@ def _data_key(cfg: RunConfig) -> tuple[Any, ...]:
 def check_axes(cfg: RunConfig, axes: Mapping[str, list[Any]]) -> None:
     """Every value must give a valid config whose tokenized data equals the base config's."""
     base_key = _data_key(cfg)
+    _check_scored(cfg, "")
     for key, values in axes.items():
         for value in values:
             trial = cfg.replace({key: value})  # raises ConfigError naming the key
+            _check_scored(trial, f" with {key}={value!r}")
             if _data_key(trial) != base_key:
                 raise ConfigError(
                     f"sweep axis {key}={value!r} changes the tokenized data; a sweep tokenizes once and shares the "
                     "data between trials, so data.*, the model/tokenizer, the pair construction and (with train.shuffle) "
                     "train.seed, which orders the pairs before tokenization, cannot be swept"
                 )
+
+
+def _check_scored(cfg: RunConfig, where: str) -> None:
+    """A trial is scored by its held-out evaluations: one that never evaluates gives Tune no score."""
+    if not (cfg.train.eval_before_after or cfg.train.eval_every):
+        raise ConfigError(f"a sweep trial{where} never evaluates (train.eval_before_after=false and "
+                          "train.eval_every=0), so it reports no score: set one of them")
 
 
 def _is_float_axis(values: Sequence[Any]) -> bool:

@@ -71,7 +71,8 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     from ray import tune
 
     from catdpo_ray.config import check_paths
-    from catdpo_ray.train.driver import init_ray, load_pairs, plan_steps, prepare_data, storage_location
+    from catdpo_ray.train.driver import init_ray, storage_location
+    from catdpo_ray.train.prepare import load_pairs, plan_steps, prepare_data
 
     t0 = time.perf_counter()
     axes = search_axes(cfg)

@@ -85,7 +85,7 @@ def install_memo(monkeypatch: pytest.MonkeyPatch) -> None:
 
     ``driver.prepare_data`` is deterministic in the keys of :func:`_data_key` (the run directory
     only receives the quarantine file, which ``load_pairs`` already wrote before it is called), and
-    it costs a Ray Data tokenizer actor start plus the reference stage: 20-50 s a call on the shared
+    it costs a Ray Data tokenization pass plus the reference stage: 20-50 s a call on the shared
     2-core machine, more than the short runs themselves. The first run of each configuration (the
     reference run) goes through the real function; every later ``run_training`` of the same
     configuration reuses its materialised datasets, as sweeps do. Everything else in

@@ -53,26 +53,27 @@ def _seven_b(overrides: list[str]) -> object:
 
 
 def test_fix_is_a_valid_override_that_fits() -> None:
-    """7B at ZeRO-0 without checkpointing, micro-batch 8: ZeRO-0 model states alone are 20 x 6.74e9 B
-    = 125.5 GiB > 80 GiB, so checkpointing cannot help; ZeRO-1 (6P + 16P/8 ...) and ZeRO-2 leave the
-    51 GiB of activations with the reference copy; ZeRO-3 is the first single change that fits."""
+    """7B at ZeRO-0 without checkpointing, micro-batch 8, on 94 GiB GPUs (H100 NVL): ZeRO-0 model states
+    alone are 20 x 6.74e9 B = 125.5 GiB, so checkpointing cannot help; ZeRO-1 (115 GiB) and ZeRO-2
+    (103 GiB) leave the 51.8 GiB of activations with the reference copy; ZeRO-3 (83.0 GiB, the retained
+    gathered parameters of policy and reference included) is the first single change that fits."""
     cfg = _seven_b(["train.zero_stage=0", "model.gradient_checkpointing=false", "train.micro_batch_size=8",
                     "model.reference=online"])
-    result = preflight(cfg, str(FIXTURES / "llama-2-7b"), Hardware(80 * GIB, 8))
+    result = preflight(cfg, str(FIXTURES / "llama-2-7b"), Hardware(94 * GIB, 8))
     assert not result.fits and result.exit_code == 3
     assert result.fix == ["train.zero_stage=3"]
-    fixed = preflight(cfg.replace(result.fix), str(FIXTURES / "llama-2-7b"), Hardware(80 * GIB, 8))
+    fixed = preflight(cfg.replace(result.fix), str(FIXTURES / "llama-2-7b"), Hardware(94 * GIB, 8))
     assert fixed.fits and fixed.plan.device_total == result.fix_plan.device_total
 
 
 def test_micro_batch_fix_keeps_the_global_batch() -> None:
-    """7B, ZeRO-3, checkpointing on, 4096 tokens, micro-batch 8 on 48 GiB GPUs: 66 GiB planned, mostly
-    the [16, 4096, 32000] logits and one recomputed layer; halving the micro-batch to 4 fits and
-    grad_accum doubles (4 -> 8) so the global batch (8 x 4 x 8 = 256 pairs) stays."""
+    """7B, ZeRO-3, checkpointing on, 4096 tokens, micro-batch 8 on 48 GiB GPUs: 69.7 GiB planned, mostly
+    the [16, 4096, 32000] logits and one recomputed layer; micro-batch 4 still needs 48.01 GiB, so it is
+    quartered to 2 and grad_accum goes 4 -> 16: the global batch (2 x 16 x 8 = 256 pairs) stays."""
     cfg = _seven_b(["model.reference=online", "data.max_length=4096", "train.micro_batch_size=8"])
     result = preflight(cfg, str(FIXTURES / "llama-2-7b"), Hardware(48 * GIB, 8))
     assert not result.fits
-    assert result.fix == ["train.micro_batch_size=4", "train.grad_accum=8"]
+    assert result.fix == ["train.micro_batch_size=2", "train.grad_accum=16"]
     fixed_cfg = cfg.replace(result.fix)
     assert fixed_cfg.global_batch_size == cfg.global_batch_size == 256
     assert preflight(fixed_cfg, str(FIXTURES / "llama-2-7b"), Hardware(48 * GIB, 8)).fits

@@ -1,7 +1,7 @@
 """Real 2-worker Ray Train + DeepSpeed runs on CPU (gloo), where collectives matter.
 
-ZeRO-2: a dataset whose size is not a multiple of the global batch; lambda equals a replay of
-DualState over the logged global (n, v); every rank held bit-identical lambda at every step; the
+ZeRO-2: a dataset whose size is not a multiple of the global batch, with the on-policy (generation)
+violation signal; lambda equals a replay of DualState over the logged global (n, v); every rank held bit-identical lambda at every step; the
 margin-free loss falls; final/ loads and beats the reference on held-out preference accuracy,
 measured here independently of the trainer's own evaluation.
 ZeRO-3: a run stopped after a checkpoint resumes with the same run name at the saved step, with
@@ -55,7 +55,11 @@ def test_zero2_two_workers_odd_dataset(tiny_model_dir: str, tmp_path: Path) -> N
     cfg = load_config(None, [
         f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.test={test}", f"output.dir={tmp_path}",
         "output.name=z2", f"output.storage_path=file://{tmp_path}/store", "scaling.num_workers=2", "train.zero_stage=2", "train.micro_batch_size=8", "train.epochs=2",
-        "train.eval_every=10", "logging.tensorboard=true",
+        "train.eval_every=10", "logging.tensorboard=true", "dual.check_every=1",
+        # the on-policy violation signal with 2 ZeRO-2 ranks (each generates its share of the prompts with
+        # its full replica; the counts are summed like (n, v)): a round every 8 steps, 1 prompt per category
+        "dual.violation=generation", "dual.generation_every=8", "dual.generation_prompts_per_category=1",
+        "dual.generation_max_new_tokens=8",
     ])
     result = run_training(cfg)
     assert result.error is None, result.summary.get("error")
@@ -69,6 +73,7 @@ def test_zero2_two_workers_odd_dataset(tiny_model_dir: str, tmp_path: Path) -> N
     assert [int(r[0]) for r in logged] == [r["step"] for r in steps]
     assert [r[1:] for r in logged] == replay_dual(cfg, steps)
     assert max(max(r[1:]) for r in logged) > 0, "lambda moved"
+    check_generation_rounds(run, steps, every=8)
     # every rank held bit-identical lambda at every step (all-gathered and compared in the loop)
     assert all(len(r["lambda_digests"]) == 2 and len(set(r["lambda_digests"])) == 1 for r in steps)
     # the margin-free DPO loss falls
@@ -95,7 +100,7 @@ def test_zero3_stop_and_resume_same_name(tiny_model_dir: str, tmp_path: Path) ->
     train, test = small_corpus(tmp_path, 300, 120)
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.test={test}", f"output.dir={tmp_path}",
               "output.name=z3", "scaling.num_workers=2", "train.zero_stage=3", "train.micro_batch_size=8",
-              "train.max_steps=14", "train.checkpoint_every=4", "logging.tensorboard=false",
+              "train.max_steps=14", "train.checkpoint_every=4", "logging.tensorboard=false", "dual.check_every=1",
               # the on-policy violation signal under ZeRO-3 (generation gathers the partitioned weights): a round
               # every 3 steps, one prompt per category, rounds 6, 9, 12 after the resume at step 4
               "dual.violation=generation", "dual.generation_every=3", "dual.generation_prompts_per_category=1",
