@@ -211,7 +211,8 @@ def _score(ds: Any, cfg: RunConfig, model_path: str, tokenizer_path: str, micro_
         ReferenceScorer,
         fn_constructor_args=(cfg.to_dict(), model_path, tokenizer_path),
         fn_constructor_kwargs={"micro_batch_size": micro_batch_size},
-        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size), max_restarts=0, **resources,
+        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size),
+        ray_remote_args_fn=_no_restarts, **resources,
     )
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
@@ -219,6 +220,11 @@ def _score(ds: Any, cfg: RunConfig, model_path: str, tokenizer_path: str, micro_
     # Arrow hands fixed-width byte keys back as an object array: restore the dtypes the cache stores.
     return {name: np.concatenate([p[name] for p in parts]).astype("S32" if name == "row_key" else np.float32)
             for name in parts[0]}
+
+
+def _no_restarts() -> dict[str, Any]:
+    """Remote args of each scoring actor: a failed stage fails the run at once (no restart caveat)."""
+    return {"max_restarts": 0}
 
 
 def add_reference_columns(ds: Any, *, cfg: RunConfig, model_path: str, tokenizer_path: str, split_name: str,
