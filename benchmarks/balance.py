@@ -1,6 +1,6 @@
 """The per-category balance benchmark: DPO-helpful, DPO-SafeBetter, SafeDPO, B-DPO and Cat-DPO.
 
-    python benchmarks/balance.py                       # default regime: 6 methods x 5 seeds (hours on 2 shared cores)
+    python benchmarks/balance.py                       # default regime: 6 methods x 5 seeds (about 23 min here)
     python benchmarks/balance.py --jobs 3 --split seeds    # the same in 3 processes, seed by seed
     python benchmarks/balance.py --quick               # the old fast setting (3 seeds, 100 steps, lr 5e-4)
     python benchmarks/balance.py --merge part-0.json part-1.json --tag t   # tables from (partial) part files
@@ -64,8 +64,9 @@ METHODS: dict[str, list[str]] = {
     "Cat-DPO[init=10]": ["loss.name=catdpo", "dual.lambda_init=10"],
 }
 DEFAULT_METHODS = ["DPO-helpful", "DPO-SafeBetter", "SafeDPO", "B-DPO", "Cat-DPO", "Cat-DPO[gen]"]
-#: The default regime (chosen by experiment before comparing methods: benchmarks/README.md).
-REGIME_OVERRIDES = ["train.lr=1e-4"]
+#: The default regime (chosen by experiment on fluency and lambda alone: benchmarks/README.md). lr 1e-4, the
+#: first choice (checked on seed 0 only), let SafeDPO and Cat-DPO collapse on seeds 3 and 4.
+REGIME_OVERRIDES = ["train.lr=5e-5"]
 REGIME = {"seeds": [0, 1, 2, 3, 4], "steps": 150, "prompts": 50}
 #: ``--quick``: the fast setting the benchmark used before (the trainer's default lr 5e-4).
 QUICK = {"seeds": [0, 1, 2], "steps": 100, "prompts": 20}

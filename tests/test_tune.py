@@ -106,6 +106,8 @@ def test_random_and_optuna_turn_float_lists_into_ranges_and_other_lists_into_cho
         ("{train.shuffle: [true, false]}", "tokenized data"),
         # a trial that never evaluates reports no score (Tune would fail later, naming no key)
         ("{train.eval_before_after: [false]}", r"sweep trial with train.eval_before_after=False never evaluates"),
+        # Ray refuses ray.train calls from a Tune trial's own process, where local mode would train
+        ("{scaling.num_workers: [0]}", r"sweep trial with scaling.num_workers=0 needs scaling.num_workers >= 1 \(got 0\)"),
     ],
 )
 def test_axes_that_cannot_be_swept_fail_at_load_with_the_key(extra: str, message: str) -> None:
@@ -157,7 +159,6 @@ def test_asha_never_decides_at_a_trials_last_evaluation() -> None:
         (["scaling.num_workers=8", "scaling.use_gpu=true"], {"CPU": 192.0, "GPU": 8.0}, 9, 1),
         (["scaling.num_workers=1"], {"CPU": 64.0}, 3, 3),  # never more than there are trials
         (["scaling.num_workers=1", "tune.max_concurrent=1"], {"CPU": 64.0}, 4, 1),  # explicit cap
-        (["scaling.num_workers=0"], {"CPU": 2.0}, 4, 2),  # local mode: training in the driver
     ],
 )
 def test_concurrency_follows_workers_per_trial_and_cluster(overrides: list[str], cluster: dict[str, float],
@@ -165,9 +166,12 @@ def test_concurrency_follows_workers_per_trial_and_cluster(overrides: list[str],
     assert trial_concurrency(load_config(None, overrides), cluster, trials) == expected
 
 
-def test_trial_driver_holds_no_cpu_unless_it_trains_itself() -> None:
+def test_trial_driver_holds_no_cpu_and_local_mode_is_refused_before_ray() -> None:
     assert trial_driver_resources(load_config(None, ["scaling.num_workers=2"]))["CPU"] == 0.0
-    assert trial_driver_resources(load_config(None, ["scaling.num_workers=0"])) == {"CPU": 1.0}
+    cfg = load_sweep_config(None, ["scaling.num_workers=0"])
+    with pytest.raises(ConfigError, match=r"^a sweep trial needs scaling.num_workers >= 1 \(got 0\): Ray Train's local "
+                                          r"mode cannot run inside a Ray Tune trial"):
+        check_axes(cfg, search_axes(cfg))
 
 
 def test_embedded_default_sweep_is_jobs_sweep_tiny_cpu() -> None:
@@ -225,6 +229,16 @@ def test_outputs_table_best_config_and_heatmap(tmp_path: Path) -> None:
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "sweep.json").read_text())  # standard JSON: -inf written as a string
     assert summary["best"]["dual.eta"] == 0.25
+
+
+def test_a_sweep_whose_trials_all_failed_still_writes_its_outputs(tmp_path: Path) -> None:
+    cfg = load_sweep_config(None)
+    failed = {"score": -math.inf, "objective": math.nan, "feasible": False, "status": "error", "evals": 0}
+    rows = [_row(0.25, 0.02, 0.0, 0.0, floor=0) | failed, _row(1.0, 0.1, 0.0, 0.0, floor=0) | failed]
+    result = write_sweep_outputs(tmp_path, cfg, search_axes(cfg), rows, wall_time_s=1.0)
+    assert result.best is None  # the CLI exits 1
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # no log scale over nothing
+    assert (tmp_path / "results.csv").read_text().count("error") == 2
 
 
 def test_best_ties_break_on_macro_and_all_infeasible_falls_back_to_raw_objective(tmp_path: Path) -> None:

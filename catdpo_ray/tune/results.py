@@ -172,9 +172,13 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], out_png: Path, *, objective:
         ax.scatter([k[1] for k in bad], [k[0] for k in bad], marker="x", color="grey", label="infeasible")
         if best is not None:
             ax.scatter([best["dual.epsilon"]], [best["dual.eta"]], marker="*", s=300, facecolors="none", edgecolors="red")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    fig.colorbar(im, ax=ax, label=objective)
+        if pts:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        else:  # every trial failed before its first evaluation: say so instead of an empty log plot
+            ax.text(0.5, 0.5, "no trial reported a result", ha="center", va="center", transform=ax.transAxes)
+    if cells:
+        fig.colorbar(im, ax=ax, label=objective)
     ax.set_xlabel("ε (dual.epsilon)")
     ax.set_ylabel("η (dual.eta)")
     ax.set_title(f"{objective} ({mode}) over (η, ε); grey = below the helpfulness floor")

@@ -73,7 +73,13 @@ def check_axes(cfg: RunConfig, axes: Mapping[str, list[Any]]) -> None:
 
 
 def _check_scored(cfg: RunConfig, where: str) -> None:
-    """A trial is scored by its held-out evaluations: one that never evaluates gives Tune no score."""
+    """A trial is scored by its held-out evaluations: one that never evaluates gives Tune no score.
+    And a trial trains through Ray Train workers: Ray 2.60 refuses ``ray.train.get_checkpoint`` /
+    ``report`` in a Tune trial's own process (ray#49454), which is where local mode would train."""
+    if cfg.scaling.num_workers < 1:
+        raise ConfigError(f"a sweep trial{where} needs scaling.num_workers >= 1 (got {cfg.scaling.num_workers}): "
+                          "Ray Train's local mode cannot run inside a Ray Tune trial (Ray refuses its ray.train "
+                          "calls there, ray#49454); use scaling.num_workers=1 for one worker per trial")
     if not (cfg.train.eval_before_after or cfg.train.eval_every):
         raise ConfigError(f"a sweep trial{where} never evaluates (train.eval_before_after=false and "
                           "train.eval_every=0), so it reports no score: set one of them")
@@ -144,10 +150,8 @@ def make_scheduler(cfg: RunConfig, max_evals: int) -> Any:
 
 def trial_driver_resources(cfg: RunConfig) -> dict[str, float]:
     """What a trial's driver process reserves: no CPU (it only waits on ``fit`` while the Train
-    workers hold their own CPUs/GPUs), just memory, since Tune needs a non-empty request. In local
-    mode (``num_workers=0``) training runs inside the driver, which then holds one CPU."""
-    if cfg.scaling.num_workers == 0:
-        return {"CPU": 1.0}
+    workers hold their own CPUs/GPUs), just memory, since Tune needs a non-empty request. (Sweeps
+    refuse local mode: :func:`check_axes`.)"""
     return {"CPU": 0.0, "memory": float(TRIAL_DRIVER_MEMORY)}
 
 
@@ -157,7 +161,7 @@ def trial_concurrency(cfg: RunConfig, cluster: Mapping[str, float], trials: int)
     if cfg.tune.max_concurrent > 0:
         return max(1, min(cfg.tune.max_concurrent, trials))
     sc = cfg.scaling
-    cpus = sc.cpus_per_worker * sc.num_workers if sc.num_workers > 0 else 1.0
+    cpus = sc.cpus_per_worker * max(1, sc.num_workers)
     fit = int(cluster.get("CPU", 0.0) // cpus) if cpus > 0 else trials
     if sc.use_gpu:
         fit = min(fit, int(cluster.get("GPU", 0.0) // sc.num_workers))

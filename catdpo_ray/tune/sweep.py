@@ -138,4 +138,8 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
         print(f"[tune] best: {', '.join(f'{k}={result.best[k]}' for k in axes)} -> {cfg.tune.objective} "
               f"{result.best['objective']:.2f} (feasible: {bool(result.best['feasible'])}); "
               f"train it with: catdpo-ray train --config {result.best_config}")
+    else:
+        failed = sum(r["status"] == "error" for r in rows)
+        print(f"[tune] no trial reported a score ({failed} of {len(rows)} failed); see {sweep_dir / 'results.md'} "
+              "and the trial directories", flush=True)
     return result
