@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from catdpo_ray.config import config_reference, to_yaml
+    from catdpo_ray.config import to_yaml
+    from catdpo_ray.config_docs import config_reference
 
     print(config_reference() if args.reference else to_yaml(_load(args)))
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -564,156 +563,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(base)
 
 
-@dataclass(frozen=True)
-class Bound:
-    """The valid range of one numeric key: ``lo`` / ``hi`` inclusive unless ``*_open``; ``None``
-    = unbounded on that side. Values must also be finite (YAML's ``.inf``/``.nan`` are refused)."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    #: Why the range is what it is, appended to the message when not obvious.
-    why: str = ""
-
-    def contains(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
-            return False
-        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
-
-    def describe(self) -> str:
-        """``>= 1``, ``> 0``, ``in [0, 1]``, ``in (0, 1]``, ``in [0, 0.5)``."""
-        lo, hi = _num(self.lo), _num(self.hi)
-        if self.lo is not None and self.hi is not None:
-            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {lo}"
-        return f"{'<' if self.hi_open else '<='} {hi}"
-
-
-def _num(x: float | None) -> str:
-    return "" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
-
-
-_UNIT = Bound(0.0, 1.0)
-_POSITIVE = Bound(0.0, lo_open=True)
-_NON_NEGATIVE = Bound(0.0)
-_AT_LEAST_ONE = Bound(1.0)
-
-#: The valid range of every numeric key, checked at load time (before Ray starts). A key that is
-#: nullable (``int | None``) may also be ``null``; list values are checked element by element.
-#: Every int/float key of :class:`RunConfig` must be here or in :data:`UNBOUNDED_KEYS` (tested).
-RANGES: dict[str, Bound] = {
-    "model.lora.r": _AT_LEAST_ONE,
-    "model.lora.alpha": _AT_LEAST_ONE,
-    "model.lora.dropout": Bound(0.0, 1.0, hi_open=True),
-    "data.max_length": Bound(2.0, why="it must exceed data.max_prompt_length >= 1"),
-    "data.max_prompt_length": _AT_LEAST_ONE,
-    "data.max_train_rows": _AT_LEAST_ONE,
-    "data.max_test_rows": _AT_LEAST_ONE,
-    "loss.beta": _POSITIVE,
-    "loss.label_smoothing": Bound(0.0, 0.5, hi_open=True, why="at 0.5 the conservative DPO loss ignores the labels"),
-    "loss.delta": _NON_NEGATIVE,
-    "loss.simpo_gamma": _NON_NEGATIVE,
-    "loss.bdpo_tau": _POSITIVE,
-    "dual.eta": _NON_NEGATIVE,
-    "dual.epsilon": Bound(0.0, 1.0, why="a violation rate"),
-    "dual.lambda_max": _POSITIVE,
-    "dual.update_every": _AT_LEAST_ONE,
-    "dual.check_every": _AT_LEAST_ONE,
-    # The on-policy keys are also checked in DualConfig.__post_init__ (same messages).
-    "dual.generation_every": _AT_LEAST_ONE,
-    "dual.generation_prompts_per_category": _AT_LEAST_ONE,
-    "dual.generation_pool_per_category": _AT_LEAST_ONE,
-    "dual.generation_max_new_tokens": _AT_LEAST_ONE,
-    "dual.generation_temperature": _NON_NEGATIVE,
-    "dual.generation_batch_size": _AT_LEAST_ONE,
-    "dual.blend_weight": _UNIT,
-    "train.seed": Bound(0.0, why="numpy and Ray Data shuffles take non-negative seeds"),
-    "train.shuffle_buffer": _AT_LEAST_ONE,
-    "train.length_grouping": Bound(0.0, why="0 = off"),
-    "train.epochs": _AT_LEAST_ONE,
-    "train.max_steps": _AT_LEAST_ONE,
-    "train.micro_batch_size": _AT_LEAST_ONE,
-    "train.grad_accum": _AT_LEAST_ONE,
-    # lr = 0 is allowed on purpose: a frozen-weights run isolates the data order in tests.
-    "train.lr": _NON_NEGATIVE,
-    "train.weight_decay": _NON_NEGATIVE,
-    "train.warmup_ratio": _UNIT,
-    "train.min_lr_ratio": _UNIT,
-    "train.grad_clip": Bound(0.0, why="0 = no clipping"),
-    "train.log_every": _AT_LEAST_ONE,
-    "train.eval_every": Bound(0.0, why="0 = only at the end"),
-    "train.checkpoint_every": Bound(0.0, why="0 = only at the end"),
-    "train.stop_after_step": _AT_LEAST_ONE,
-    "scaling.num_workers": Bound(0.0, why="0 = Ray Train local mode"),
-    "scaling.cpus_per_worker": _POSITIVE,
-    "output.num_checkpoints_to_keep": _AT_LEAST_ONE,
-    "output.max_failures": Bound(-1.0, why="-1 = retry without limit, as in Ray's FailureConfig"),
-    "eval.max_new_tokens": _AT_LEAST_ONE,
-    "eval.temperature": Bound(0.0, why="0 = greedy decoding"),
-    "eval.top_p": Bound(0.0, 1.0, lo_open=True),
-    "eval.batch_size": _AT_LEAST_ONE,
-    "eval.max_prompts_per_category": _AT_LEAST_ONE,
-    "eval.llm_timeout_s": _POSITIVE,
-    "eval.num_actors": Bound(0.0, why="0 = max(1, scaling.num_workers)"),
-    "eval.num_gpus_per_actor": Bound(0.0, why="fractions share a GPU"),
-    "tune.eta": _NON_NEGATIVE,
-    "tune.epsilon": Bound(0.0, 1.0, why="a violation rate"),
-    "tune.num_samples": _AT_LEAST_ONE,
-    "tune.asha_grace_period": _AT_LEAST_ONE,
-    "tune.helpfulness_floor": Bound(0.0, 100.0, why="a percentage"),
-    "tune.max_concurrent": Bound(0.0, why="0 = derive from the cluster"),
-}
-
-#: Numeric keys with no range to check (any finite value is meaningful).
-UNBOUNDED_KEYS: frozenset[str] = frozenset({"eval.classifier_threshold"})
-
 #: Keys that existed once and were removed, with what to do instead (old config.yaml files).
 REMOVED_KEYS: dict[str, str] = {
     "scaling.data_cpus": "it was never read (Ray Data sizes its own CPU use); delete it",
 }
 
 
-def _get_dotted(cfg: Any, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def _nullable(cfg: Any, key: str) -> bool:
-    *sections, last = key.split(".")
-    owner = _get_dotted(cfg, ".".join(sections)) if sections else cfg
-    return type(None) in get_args(get_type_hints(type(owner))[last])
-
-
-def check_ranges(cfg: RunConfig) -> None:
-    """Every key of :data:`RANGES` holds a value in its range (or ``null`` where allowed).
-
-    Raises:
-        ConfigError: ``"<key>: must be <range>[ or null] (<why>), got <value>"``; a list names
-            the element, e.g. ``dual.epsilon[2]``.
-    """
-    for key, bound in RANGES.items():
-        value = _get_dotted(cfg, key)
-        if value is None:
-            continue  # the type check admitted None: the key is nullable
-        values = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-        for index, v in values:
-            if bound.contains(float(v)):
-                continue
-            where = key if index is None else f"{key}[{index}]"
-            null = " or null" if _nullable(cfg, key) else ""
-            why = f" ({bound.why})" if bound.why else ""
-            finite = "" if math.isfinite(float(v)) else "a finite number "
-            raise ConfigError(f"{where}: must be {finite}{bound.describe()}{null}{why}, got {v!r}")
-
-
 def validate(cfg: RunConfig) -> None:
     """Ranges (:func:`check_ranges`), then cross-field checks that a type cannot express."""
+    from catdpo_ray.config_ranges import check_ranges
+
     k = cfg.num_categories
     if k == 0:
         raise ConfigError("data.categories: at least one category is required")
@@ -762,129 +621,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("eval.judges has 'llm' but eval.llm_base_url is not set")
 
 
-#: A Hugging Face hub repository id: ``owner/name`` (letters, digits, ``_ . -``; no ``--``/``..``).
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def is_hub_id(value: str) -> bool:
-    """Whether ``value`` has the form of a hub id (``owner/name``); says nothing of existence."""
-    return bool(_HUB_ID_RE.match(value)) and ".." not in value and "--" not in value and len(value) <= 200
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_model_location(key: str, value: str, *, revision: str | None = None, need: str = "config.json") -> None:
-    """``value`` is an existing local model directory holding ``need``, or a hub id.
-
-    A directory wins when both readings are possible (``org/model`` that exists locally is the
-    local copy, as in ``from_pretrained``). With ``HF_HUB_OFFLINE=1`` a hub id must be in the
-    local HF cache. No network is touched.
-
-    Raises:
-        ConfigError: naming ``key`` and ``value`` and what is wrong.
-    """
-    path = Path(value).expanduser()
-    if path.is_dir():
-        if need and not (path / need).is_file():
-            raise ConfigError(f"{key} {value!r}: the directory has no {need}, so it is not a Hugging Face model directory")
-        return
-    if path.exists():
-        raise ConfigError(f"{key} {value!r}: is a file, not a model directory or a hub id")
-    if not is_hub_id(value):
-        raise ConfigError(f"{key} {value!r}: no such directory, and not a hub id of the form owner/name")
-    if _hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(value, need or "config.json", revision=revision)
-        if not isinstance(cached, str):
-            raise ConfigError(f"{key} {value!r}: HF_HUB_OFFLINE is set and the hub id is not in the local Hugging Face cache")
-
-
-def check_paths(cfg: RunConfig) -> None:
-    """Filesystem checks the driver runs before Ray starts (``validate`` stays free of I/O).
-
-    Checks ``model.name_or_path`` (``tiny``, a model directory with ``config.json``, or a hub id),
-    ``model.tokenizer`` (``auto``, a directory, or a hub id), and that ``data.train``/``data.test``
-    name existing files unless they are ``bundled`` or ``data.hub_name`` is set.
-
-    Raises:
-        ConfigError: naming the key, the value and the problem.
-    """
-    if cfg.model.name_or_path != "tiny":
-        check_model_location("model.name_or_path", cfg.model.name_or_path, revision=cfg.model.revision)
-    if cfg.model.tokenizer != "auto":
-        check_model_location("model.tokenizer", cfg.model.tokenizer, need="")
-    if cfg.data.hub_name is None:
-        for split in ("train", "test"):
-            location = getattr(cfg.data, split)
-            if location == "bundled":
-                continue
-            path = Path(location).expanduser()
-            if not path.exists():
-                raise ConfigError(f"data.{split} {location!r}: no such file")
-            if path.is_dir():
-                raise ConfigError(f"data.{split} {location!r}: is a directory; name one .jsonl, .json or .parquet file")
-
-
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
     import yaml
 
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def _field_docs(cls: Any) -> dict[str, str]:
-    """``#:`` comment lines written above each field of a config dataclass."""
-    import inspect
-
-    docs: dict[str, str] = {}
-    pending: list[str] = []
-    for line in inspect.getsource(cls).splitlines():
-        text = line.strip()
-        if text.startswith("#:"):
-            pending.append(text[2:].strip())
-            continue
-        m = re.match(r"^(\w+):", text)
-        if m and pending:
-            docs[m.group(1)] = " ".join(pending)
-        if not text.startswith("#"):
-            pending = []
-    return docs
-
-
-def _short_type(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " / ".join(f"`{a}`" for a in get_args(tp))
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "").replace(" | ", " or ")
-
-
-def config_reference() -> str:
-    """A Markdown reference of every key: type, default and meaning (``catdpo-ray config --reference``)."""
-    lines = ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
-
-    def walk(cls: Any, prefix: str) -> None:
-        hints = get_type_hints(cls)
-        docs = _field_docs(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, prefix + f.name + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            meaning = docs.get(f.name, "").replace("|", "/")
-            bound = RANGES.get(prefix + f.name)
-            valid = ""
-            if bound is not None:
-                valid = bound.describe() + (" or null" if type(None) in get_args(tp) else "")
-                valid += f" ({bound.why})" if bound.why else ""
-            lines.append(f"| `{prefix}{f.name}` | {_short_type(tp)} | `{default!r}` | {valid} | {meaning} |")
-
-    walk(RunConfig, "")
-    return "\n".join(lines)
 
 
 __all__ = [
@@ -893,8 +634,5 @@ __all__ = [
     "RunConfig",
     "load_config",
     "from_dict",
-    "check_paths",
-    "check_model_location",
     "to_yaml",
-    "config_reference",
 ]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from catdpo_ray.config import ConfigError, RunConfig, config_reference, from_dict, load_config, to_yaml
+from catdpo_ray.config import ConfigError, RunConfig, from_dict, load_config, to_yaml
+from catdpo_ray.config_docs import config_reference
 
 
 def test_defaults_and_overrides() -> None:
@@ -249,7 +250,7 @@ def _numeric_keys() -> list[str]:
 
 def test_every_numeric_key_has_a_range_and_a_bad_value_test() -> None:
     """A new numeric key must get a range in RANGES (or be declared unbounded) and a row in BAD_VALUES."""
-    from catdpo_ray.config import RANGES, UNBOUNDED_KEYS
+    from catdpo_ray.config_ranges import RANGES, UNBOUNDED_KEYS
 
     # dual.lambda_init's range depends on dual.lambda_max: checked across fields in validate()
     cross_checked = {"dual.lambda_init"}
@@ -275,7 +276,7 @@ def test_cli_refuses_a_bad_value_before_creating_anything(tmp_path: Path, capsys
 
 
 def test_check_paths_accepts_tiny_a_model_dir_and_a_hub_id(tiny_model_dir: str) -> None:
-    from catdpo_ray.config import check_paths
+    from catdpo_ray.config_locations import check_paths
 
     check_paths(load_config())
     check_paths(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"model.tokenizer={tiny_model_dir}"]))
@@ -292,7 +293,7 @@ def test_check_paths_accepts_tiny_a_model_dir_and_a_hub_id(tiny_model_dir: str) 
     ],
 )
 def test_check_paths_refuses_a_model_that_is_neither_dir_nor_hub_id(value: str, message: str) -> None:
-    from catdpo_ray.config import check_paths
+    from catdpo_ray.config_locations import check_paths
 
     with pytest.raises(ConfigError) as info:
         check_paths(load_config(None, [f"model.name_or_path={value}"]))
@@ -300,7 +301,7 @@ def test_check_paths_refuses_a_model_that_is_neither_dir_nor_hub_id(value: str, 
 
 
 def test_check_paths_refuses_dir_without_config_json_and_a_file(tmp_path: Path) -> None:
-    from catdpo_ray.config import check_paths
+    from catdpo_ray.config_locations import check_paths
 
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "model.safetensors").write_bytes(b"")
@@ -318,7 +319,7 @@ def test_check_paths_refuses_dir_without_config_json_and_a_file(tmp_path: Path) 
 
 
 def test_check_paths_names_missing_data_files(tmp_path: Path) -> None:
-    from catdpo_ray.config import check_paths
+    from catdpo_ray.config_locations import check_paths
 
     missing = tmp_path / "none.jsonl"
     with pytest.raises(ConfigError) as info:
@@ -335,7 +336,7 @@ def test_check_paths_offline_hub_id_must_be_cached(tmp_path: Path, monkeypatch: 
     """With HF_HUB_OFFLINE=1 a hub id must be in the local cache (real huggingface_hub cache lookup)."""
     import huggingface_hub.constants
 
-    from catdpo_ray.config import check_paths
+    from catdpo_ray.config_locations import check_paths
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from catdpo_ray.config import config_reference
+from catdpo_ray.config_docs import config_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 

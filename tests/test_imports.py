@@ -36,7 +36,7 @@ def test_import_is_cheap() -> None:
 def test_pure_core_imports_only_torch() -> None:
     """losses, dual and metrics are pure: importing them loads neither Ray, DeepSpeed nor transformers."""
     code = (
-        "import sys, json; import catdpo_ray.losses, catdpo_ray.dual, catdpo_ray.eval.metrics; "
+        "import sys, json; import catdpo_ray.losses, catdpo_ray.violation, catdpo_ray.dual, catdpo_ray.eval.metrics; "
         "print(json.dumps([m for m in ('ray', 'deepspeed', 'transformers') if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -28,8 +28,8 @@ from catdpo_ray.losses import (
     safedpo_loss,
     sequence_logps,
     simpo_loss,
-    violation_stats,
 )
+from catdpo_ray.violation import violation_stats
 
 LN2, LN3, LN4, LN43 = math.log(2), math.log(3), math.log(4), math.log(4 / 3)
 

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from catdpo_ray.config import RunConfig, check_paths, load_config, to_yaml
+from catdpo_ray.config import RunConfig, load_config, to_yaml
+from catdpo_ray.config_locations import check_paths
 from catdpo_ray.data.loader import describe_dropped, dropped_per_epoch
 from catdpo_ray.train import faults
 from catdpo_ray.train.prepare import (  # noqa: F401 - the driver's public names, kept for their callers

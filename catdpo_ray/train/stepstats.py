@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from catdpo_ray.losses import LossOutput, PreferenceBatch, violation_stats
+from catdpo_ray.losses import LossOutput, PreferenceBatch
+from catdpo_ray.violation import violation_stats
 
 #: Scalar sums that follow the 2K per-category entries of the step statistics vector.
 SCALARS = ("loss_sum", "pairs", "acc_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum", "tokens",

@@ -59,11 +59,11 @@ def _data_key(cfg: RunConfig) -> tuple[Any, ...]:
 def check_axes(cfg: RunConfig, axes: Mapping[str, list[Any]]) -> None:
     """Every value must give a valid config whose tokenized data equals the base config's."""
     base_key = _data_key(cfg)
-    _check_scored(cfg, "")
+    _check_trial(cfg, "")
     for key, values in axes.items():
         for value in values:
             trial = cfg.replace({key: value})  # raises ConfigError naming the key
-            _check_scored(trial, f" with {key}={value!r}")
+            _check_trial(trial, f" with {key}={value!r}")
             if _data_key(trial) != base_key:
                 raise ConfigError(
                     f"sweep axis {key}={value!r} changes the tokenized data; a sweep tokenizes once and shares the "
@@ -72,7 +72,7 @@ def check_axes(cfg: RunConfig, axes: Mapping[str, list[Any]]) -> None:
                 )
 
 
-def _check_scored(cfg: RunConfig, where: str) -> None:
+def _check_trial(cfg: RunConfig, where: str) -> None:
     """A trial is scored by its held-out evaluations: one that never evaluates gives Tune no score.
     And a trial trains through Ray Train workers: Ray 2.60 refuses ``ray.train.get_checkpoint`` /
     ``report`` in a Tune trial's own process (ray#49454), which is where local mode would train."""
@@ -161,7 +161,7 @@ def trial_concurrency(cfg: RunConfig, cluster: Mapping[str, float], trials: int)
     if cfg.tune.max_concurrent > 0:
         return max(1, min(cfg.tune.max_concurrent, trials))
     sc = cfg.scaling
-    cpus = sc.cpus_per_worker * max(1, sc.num_workers)
+    cpus = sc.cpus_per_worker * sc.num_workers
     fit = int(cluster.get("CPU", 0.0) // cpus) if cpus > 0 else trials
     if sc.use_gpu:
         fit = min(fit, int(cluster.get("GPU", 0.0) // sc.num_workers))

@@ -70,7 +70,7 @@ def run_sweep(cfg: RunConfig) -> SweepResult:
     import ray
     from ray import tune
 
-    from catdpo_ray.config import check_paths
+    from catdpo_ray.config_locations import check_paths
     from catdpo_ray.train.driver import init_ray, storage_location
     from catdpo_ray.train.prepare import load_pairs, plan_steps, prepare_data
 

@@ -70,7 +70,8 @@ def test_repeated_bad_rows_are_each_quarantined_not_deduplicated(tmp_path: Path)
 
 
 def test_duplicates_is_a_documented_config_key() -> None:
-    from catdpo_ray.config import ConfigError, config_reference, load_config
+    from catdpo_ray.config import ConfigError, load_config
+    from catdpo_ray.config_docs import config_reference
 
     assert load_config(None, ["data.duplicates=keep"]).data.duplicates == "keep"
     with pytest.raises(ConfigError) as info:

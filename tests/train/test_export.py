@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from catdpo_ray.config import load_config
-from catdpo_ray.train.export import OutSpec, export_hf_model, parse_size, plan_shards
+from catdpo_ray.train.export import export_hf_model
 from catdpo_ray.train.modeling import (
     apply_lora,
     gather_state_dict,
@@ -27,6 +27,7 @@ from catdpo_ray.train.modeling import (
     merge_lora_state_dict,
     save_hf_model,
 )
+from catdpo_ray.train.safetensors_layout import OutSpec, parse_size, plan_shards
 
 
 def _read_export(directory: Path) -> dict[str, torch.Tensor]:
