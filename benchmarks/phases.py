@@ -11,13 +11,14 @@ from those stamps and the run directory:
   ``[reference] <split>: ... in Xs`` (hit or computed), ``[train] ... on N worker(s)`` (``fit`` starts),
   the progress lines ``step i/N`` (printed when the driver drains the controller: about once a second,
   so those stamps are late by up to 1 s);
-- ``metrics.jsonl``: ``step_time_s`` of every step (rank 0's step, the optimizer steps proper);
-- ``summary.json``: ``wall_time_s`` (``fit_run`` from the trainer's start to its summary);
+- ``metrics.jsonl``: ``step_time_s`` of every step (rank 0's step, the optimizer steps proper), and the
+  ``startup`` row: rank 0's own start-up phases (``catdpo_ray/train/startup.py``), indented under the
+  span they split (worker-group start, model load, DeepSpeed init, first batch, step 1);
+- ``summary.json``: ``wall_time_s`` (``fit_run`` from the trainer's start to its summary) and
+  ``fit_start_time`` (when ``fit()`` was called, the origin of the workers' entry time);
 - the process exit.
 
-What cannot be separated from outside is said so in the table (worker-group start vs model load vs
-DeepSpeed init; final evaluation vs checkpoint vs export); the README section names the instrumentation
-that would split them. ``os.getloadavg()`` is recorded at the start and end of each run.
+What cannot be separated is said so in the table (final evaluation vs checkpoint vs export). ``os.getloadavg()`` is recorded at the start and end of each run.
 Output: ``<out>/phases.json``, ``<out>/phases.md`` and each run's time-stamped console log.
 """
 
@@ -90,8 +91,8 @@ def phases(lines: list[tuple[float, str]], wall: float, run_dir: Path) -> dict[s
     fit_end = fit[0] + float(summary["wall_time_s"])
     out = {
         "python start, imports, config, read + validate + pair (driver)": pairs_done,
-        "ray.init + Ray Data start + tokenizer task start (not separable from outside)": tok[0] - tok_s - pairs_done,
-        "tokenization (Ray Data, as printed)": tok_s,
+        "ray.init (local cluster start), console set-up": tok[0] - tok_s - pairs_done,
+        "tokenization in the driver, transformers import + tokenizer load included (as printed)": tok_s,
     }
     # One entry per pass of the reference stage (``pairs``: train+test in one pass; ``test`` alone for SimPO).
     stages = [i for i in report.values() if isinstance(i, dict) and "seconds" in i]
@@ -103,6 +104,17 @@ def phases(lines: list[tuple[float, str]], wall: float, run_dir: Path) -> dict[s
         out["materialise, controller actor, trainer build (until fit starts)"] -= ref_total
     out["worker-group start + model load + DeepSpeed init (to step 1, less step 1; +-1 s)"] = (
         step1[0] - fit[0] - steps[0]["step_time_s"])
+    # The same span from inside (rank 0's ``startup`` row, catdpo_ray/train/startup.py), phase by phase.
+    startup = next((r for r in rows if r.get("kind") == "startup"), None)
+    if startup is not None:
+        fit_start = float(summary.get("fit_start_time") or 0.0)
+        if fit_start:
+            out["  fit() to the worker function: controller, placement group, worker actors, process group"] = (
+                float(startup["entry_time"]) - fit_start)
+        for phase, sec in startup["seconds"].items():
+            if sec is not None:
+                label = "worker process start to the function (inside the line above)" if phase == "launch" else phase
+                out[f"  worker: {label.replace('_', ' ')}"] = float(sec)
     out["optimizer steps (sum of step_time_s)"] = step_sum
     out["between steps (drain, broadcast, console; +-1 s)"] = (last[0] - step1[0]) - (step_sum - steps[0]["step_time_s"])
     out["after the last step: final eval, checkpoint, export, worker-group teardown (+-1 s)"] = fit_end - last[0]

@@ -46,6 +46,11 @@ def init_ray(cfg: RunConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Ray Data re-installs its console handler whenever a process first iterates a dataset and then says,
+    # once per process, that progress bars are off (they are, on purpose): that notice is spent here.
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
     # Deterministic row order through map_batches: same seed + same data = same batches.
     ctx.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -264,9 +264,9 @@ def test_random_search_heatmap_is_a_scatter(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # real sweeps in one Ray session: tokenized once, the reference stage scored once
 
-#: Installed by Ray in every worker process of the test's job (Ray Data tokenization tasks, reference
-#: actors, Tune trial drivers, Train workers): each call of the real PairTokenizer / ReferenceScorer
-#: appends "<pid> <rows>" to its own file.
+#: Installed by Ray in every worker process of the test's job (reference actors, Tune trial drivers,
+#: Train workers; the fixture wraps the test's own process the same way): each call of the real
+#: PairTokenizer / ReferenceScorer appends "<pid> <rows>" to its own file.
 _COUNT_HOOK = '''
 import os
 
@@ -297,9 +297,14 @@ def _tokenized_rows(counter: Path) -> int:
 
 
 @pytest.fixture
-def counting_ray(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """A Ray session whose workers count the rows they tokenize and reference-score: (tokenize, reference)."""
+def counting_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    """A Ray session whose workers count the rows they tokenize and reference-score, and this process
+    the rows it tokenizes (the sweep driver's data preparation): (tokenize, reference)."""
+    import os
+
     import ray
+
+    from catdpo_ray.data.tokenize import PairTokenizer
 
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
@@ -307,6 +312,15 @@ def counting_ray(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     counters = (tmp_path / "tokenize_rows.txt", tmp_path / "reference_rows.txt")
     for c in counters:
         c.write_text("")
+    original = PairTokenizer.__call__
+
+    def counted(self: PairTokenizer, batch: dict[str, Any]) -> dict[str, Any]:
+        out = original(self, batch)
+        with counters[0].open("a") as fh:
+            fh.write(f"{os.getpid()} {len(next(iter(batch.values())))}\n")
+        return out
+
+    monkeypatch.setattr(PairTokenizer, "__call__", counted)
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
@@ -353,7 +367,7 @@ def test_sweeps_tokenize_and_score_once_stop_early_and_free_everything(
     # although two trials each trained on (and evaluated) the data.
     assert _tokenized_rows(counter) == pairs
     assert _tokenized_rows(ref_counter) == 0  # online: no reference stage
-    # Control: the counter does see a tokenization wherever Ray runs it.
+    # Control: the counter does see a tokenization (the driver's own, as in any run or sweep).
     (tmp_path / "control").mkdir()
     prepare_data(cfg, tmp_path / "control", verbose=False)
     assert _tokenized_rows(counter) == 2 * pairs

@@ -144,7 +144,7 @@ class ReferenceScorer:
 
 
 def attach_reference(batch: Any, *, table: dict[str, np.ndarray], split_name: str) -> Any:
-    """``map_batches`` function (pyarrow batches): append the reference columns, looked up by
+    """Append the reference columns to a pyarrow table or batch, looked up by
     row key in ``table`` (sorted ``row_key`` + columns). A row without an entry raises: a cache
     can never be joined to the wrong pairs, nor silently miss one."""
     import pyarrow as pa
@@ -165,12 +165,22 @@ def attach_reference(batch: Any, *, table: dict[str, np.ndarray], split_name: st
     return batch
 
 
-def dataset_row_keys(ds: Any) -> np.ndarray:
-    """Row keys of a (materialised) tokenized dataset, in its order: ``[N]`` ``S32``."""
+def table_row_keys(table: Any) -> np.ndarray:
+    """Row keys of a tokenized ``pyarrow.Table``, in its order: ``[N]`` ``S32``."""
+    from ray.data.block import BlockAccessor
+
     from catdpo_ray.data.fingerprint import KEY_COLUMNS
 
-    parts = [batch_row_keys(b) for b in ds.select_columns(list(KEY_COLUMNS)).iter_batches(batch_size=None, batch_format="numpy")]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype="S32")
+    if table.num_rows == 0:
+        return np.zeros(0, dtype="S32")
+    return batch_row_keys(BlockAccessor.for_block(table.select(list(KEY_COLUMNS))).to_numpy())
+
+
+def dataset_row_keys(ds: Any) -> np.ndarray:
+    """Row keys of a (materialised) tokenized Ray dataset, in its order: ``[N]`` ``S32``."""
+    from catdpo_ray.data.tables import dataset_table
+
+    return table_row_keys(dataset_table(ds))
 
 
 def fingerprint_inputs(cfg: RunConfig, model_path: str, tokenizer_path: str, keys: np.ndarray, *,
@@ -227,55 +237,61 @@ def _no_restarts() -> dict[str, Any]:
     return {"max_restarts": 0}
 
 
-def add_reference_columns(ds: Any, *, cfg: RunConfig, model_path: str, tokenizer_path: str, split_name: str,
-                          cache_dir: str | Path | None = None, micro_batch_size: int = 16) -> tuple[Any, dict[str, Any]]:
-    """Tokenized split -> the same rows, same order, plus the reference columns; materialised.
+def add_reference_columns(ds: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """:func:`add_reference_table` for a materialised Ray dataset: its blocks come to this process in
+    order and the result goes back as a dataset of as many blocks (``ds`` itself where no reference
+    is precomputed). Returns ``(dataset, info)``."""
+    from catdpo_ray.data.tables import dataset_table, to_dataset
 
-    A valid cache entry is read and no model is loaded; otherwise the stage scores the split and
-    writes the entry (unless the weights cannot be identified: then it says so in ``info``).
+    if resolve_reference_mode(kwargs["cfg"]) != "precompute":
+        return ds, add_reference_table(None, **kwargs)[1]
+    table, info = add_reference_table(dataset_table(ds), **kwargs)
+    return to_dataset(table, ds.num_blocks()), info
+
+
+def add_reference_table(table: Any, *, cfg: RunConfig, model_path: str, tokenizer_path: str, split_name: str,
+                        cache_dir: str | Path | None = None, micro_batch_size: int = 16) -> tuple[Any, dict[str, Any]]:
+    """Tokenized split (``pyarrow.Table``) -> the same rows, same order, plus the reference columns.
+
+    A valid cache entry is read and no model is loaded; otherwise the stage scores the split (a Ray
+    Data actor pool) and writes the entry (unless the weights cannot be identified: then it says so
+    in ``info``). The columns are joined here, by row key (:func:`attach_reference`).
 
     Returns:
-        ``(dataset, info)``; ``info``: ``mode``, ``split``, ``rows``, ``columns``, ``fingerprint``,
+        ``(table, info)``; ``info``: ``mode``, ``split``, ``rows``, ``columns``, ``fingerprint``,
         ``entry``, ``hit`` (bool), ``reason`` (why it was (re)computed), ``seconds``.
     """
-    import ray.data
-
     t0 = time.perf_counter()
     mode = resolve_reference_mode(cfg)
     info: dict[str, Any] = {"mode": mode, "split": split_name}
     if mode != "precompute":
-        return ds, {**info, "hit": False, "reason": f"model.reference resolves to {mode!r}", "seconds": 0.0}
-    present = sorted(set(ds.columns()) & set(REF_COLUMNS + RESP_COLUMNS))
+        return table, {**info, "hit": False, "reason": f"model.reference resolves to {mode!r}", "seconds": 0.0}
+    present = sorted(set(table.column_names) & set(REF_COLUMNS + RESP_COLUMNS))
     if present:
         raise ValueError(f"{split_name} split already has reference column(s) {present}: the reference stage "
                          "runs once per split (prepare_data already ran it unless model.reference=online)")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_reference_cache_dir(cfg)
-    keys = dataset_row_keys(ds)
+    keys = table_row_keys(table)
     try:
         inputs = fingerprint_inputs(cfg, model_path, tokenizer_path, keys, memo=root / "file_hashes.json")
         key: str | None = fingerprint(inputs)
-        table, reason = read_entry(root, key, expected_rows=len(keys))
+        ref, reason = read_entry(root, key, expected_rows=len(keys))
     except UncacheableError as err:
-        key, table, reason, inputs = None, None, f"not cached: {err}", {}
-    if table is not None and not np.array_equal(table["row_key"], np.sort(keys)):
-        table, reason = None, f"corrupt entry {root / str(key)}: row keys differ from the split's pairs"
-    hit = table is not None
-    if table is None:
-        scored = _score(ds, cfg, model_path, tokenizer_path, micro_batch_size)
+        key, ref, reason, inputs = None, None, f"not cached: {err}", {}
+    if ref is not None and not np.array_equal(ref["row_key"], np.sort(keys)):
+        ref, reason = None, f"corrupt entry {root / str(key)}: row keys differ from the split's pairs"
+    hit = ref is not None
+    if ref is None:
+        from catdpo_ray.data.tables import to_dataset
+
+        scored = _score(to_dataset(table, 2), cfg, model_path, tokenizer_path, micro_batch_size)
         order = np.argsort(scored["row_key"], kind="stable")
-        table = {name: col[order] for name, col in scored.items()}
-        if not np.array_equal(table["row_key"], np.sort(keys)):
+        ref = {name: col[order] for name, col in scored.items()}
+        if not np.array_equal(ref["row_key"], np.sort(keys)):
             raise RuntimeError(f"{split_name} split: the reference stage returned other rows than it was given")
         if key is not None:
-            write_entry(root, key, table, inputs)
-    ctx = ray.data.DataContext.get_current()
-    keep_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # the driver's (shuffled) order is the data order on resume
-    try:
-        out = ds.map_batches(attach_reference, fn_kwargs={"table": table, "split_name": split_name},
-                             batch_format="pyarrow", batch_size=None, zero_copy_batch=True).materialize()
-    finally:
-        ctx.execution_options.preserve_order = keep_order
+            write_entry(root, key, ref, inputs)
+    out = attach_reference(table, table=ref, split_name=split_name)
     info.update(rows=len(keys), columns=list(reference_columns(cfg)), fingerprint=key,
                 entry=str(root / key) if key else None, hit=hit, reason=reason,
                 seconds=round(time.perf_counter() - t0, 3))
@@ -288,10 +304,12 @@ __all__ = [
     "RESP_COLUMNS",
     "ReferenceScorer",
     "add_reference_columns",
+    "add_reference_table",
     "attach_reference",
     "dataset_row_keys",
     "default_reference_cache_dir",
     "fingerprint_inputs",
     "reference_columns",
     "resolve_reference_mode",
+    "table_row_keys",
 ]

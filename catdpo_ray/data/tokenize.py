@@ -135,11 +135,11 @@ def _files_stamp(path: str) -> tuple[Any, ...]:
 
 
 def tokenize_pairs(batch: dict[str, np.ndarray], **settings: Any) -> dict[str, Any]:
-    """``map_batches`` task function: :class:`PairTokenizer` ``(**settings)`` applied to ``batch``.
+    """:class:`PairTokenizer` ``(**settings)`` applied to ``batch`` (numpy columns; also usable as a
+    ``map_batches`` function).
 
-    As a task (not an actor pool) it runs in Ray's pooled worker processes; the tokenizer a process
-    loaded is kept for the next run with the same settings and unchanged files, so repeated data
-    preparations in one cluster (sweeps, tests, benchmarks) skip the start-up of a tokenizer actor.
+    The tokenizer a process loaded is kept for the next call with the same settings and unchanged
+    files, so repeated data preparations in one process (sweeps, tests, benchmarks) load it once.
     """
     key = (tuple(sorted(settings.items())), _files_stamp(str(settings["tokenizer_path"])))
     tok = _TOKENIZERS.get(key)

@@ -42,6 +42,9 @@ OWN_LOGGER = "catdpo_ray"
 OWN_PREFIX = "[catdpo]"
 #: Worker output lines shown on the console once per distinct text.
 MATTERS = re.compile(r"Traceback|(Error|Exception)\b|OutOfMemory|\bOOM\b|SIGKILL|SIGTERM")
+#: Lines frameworks ``print`` in the driver's own process (local mode builds the engine there): to the file.
+FRAMEWORK_PRINTS = re.compile(r"^DeepSpeed \S+ built successfully$")
+_PRINT_START = "DeepSpeed "
 _HANDLER_NAME = "catdpo_framework_log"
 _RAY_PRINT_HANDLER = "ray_print_logs"
 
@@ -75,6 +78,33 @@ def quiet_worker() -> None:
     warnings.filterwarnings("once", category=DeprecationWarning)
 
 
+class _DivertPrints:
+    """A stdout wrapper: whole lines matching :data:`FRAMEWORK_PRINTS` go to ``logger``, the rest through."""
+
+    def __init__(self, stream: TextIO, logger: logging.Logger) -> None:
+        self.stream, self.logger, self._partial = stream, logger, ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            if FRAMEWORK_PRINTS.match(line):
+                self.logger.info("%s", line)
+            else:
+                self.stream.write(line + "\n")
+        start = self._partial[: len(_PRINT_START)]
+        if self._partial and not _PRINT_START.startswith(start):  # cannot become a framework line: pass it on
+            self.stream.write(self._partial)
+            self._partial = ""
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 @dataclass
 class Console:
     """What :func:`setup_console` changed, so :meth:`close` can put it back (sweeps, tests)."""
@@ -85,8 +115,26 @@ class Console:
     saved: dict[str, tuple[list[logging.Handler], bool, int]] = field(default_factory=dict)
     ray_printers: list[tuple[str, Any]] | None = None
     shown: set[str] = field(default_factory=set)
+    on_worker_output: Any = None
+    stdout: Any = None
+
+    def route_ray_workers(self) -> bool:
+        """Swap Ray's worker-output printer for ours (call after ``ray.init``, which installs a fresh
+        printer). Returns False where this Ray version has no dispatcher to swap."""
+        dispatcher = _ray_dispatcher()
+        if dispatcher is None or self.on_worker_output is None:
+            return False
+        with dispatcher._lock:
+            printers = [h for h in dispatcher.handlers if h[0] == _RAY_PRINT_HANDLER]
+            if self.ray_printers is None or printers:
+                self.ray_printers = printers
+            dispatcher.handlers = [h for h in dispatcher.handlers if h[0] not in (_RAY_PRINT_HANDLER, _HANDLER_NAME)]
+            dispatcher.handlers.append((_HANDLER_NAME, self.on_worker_output))
+        return True
 
     def close(self) -> None:
+        if self.stdout is not None and isinstance(sys.stdout, _DivertPrints):
+            sys.stdout = self.stdout
         for name, (handlers, propagate, level) in self.saved.items():
             logger = logging.getLogger(name)
             logger.handlers[:] = handlers
@@ -115,16 +163,21 @@ def _ray_dispatcher() -> Any:
 def setup_console(run_dir: str | Path, *, console: TextIO | None = None, route_workers: bool = True) -> Console:
     """Send framework logs and Ray worker output to ``<run_dir>/logs/framework.log``.
 
-    Call right after ``ray.init`` (which installs its own handlers on the ``ray`` logger).
+    Call before ``ray.init`` with ``route_workers=False`` (Ray's start-up notices then reach the file,
+    not the console) and :meth:`Console.route_ray_workers` after it; or after ``ray.init`` with the
+    default. Ray's stream handler on the ``ray`` logger (installed at ``import ray``) is dropped either way.
 
     Args:
         run_dir: the run directory.
         console: where our own warnings and worker ``[catdpo]`` lines go (default stderr).
-        route_workers: also swap Ray's worker-output printer (False: Python logging only).
+        route_workers: also swap Ray's worker-output printer now (False: Python logging only, for now).
 
     Returns:
         A :class:`Console`; ``close()`` restores the previous logging setup.
     """
+    import ray  # noqa: F401 - its import installs the stream handler on the "ray" logger replaced below
+    import ray.data  # noqa: F401 - and this one Ray Data's, on "ray.data"
+
     log_path = Path(run_dir) / "logs" / "framework.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = console if console is not None else sys.stderr
@@ -163,10 +216,9 @@ def setup_console(run_dir: str | Path, *, console: TextIO | None = None, route_w
                 state.shown.add(line)
                 print(f"{tag} {line}  [more in {log_path}]", file=out, flush=True)
 
-    dispatcher = _ray_dispatcher() if route_workers else None
-    if dispatcher is not None:
-        with dispatcher._lock:
-            state.ray_printers = [h for h in dispatcher.handlers if h[0] == _RAY_PRINT_HANDLER]
-            dispatcher.handlers = [h for h in dispatcher.handlers if h[0] not in (_RAY_PRINT_HANDLER, _HANDLER_NAME)]
-            dispatcher.handlers.append((_HANDLER_NAME, on_worker_output))
+    state.on_worker_output = on_worker_output
+    if not isinstance(sys.stdout, _DivertPrints):
+        state.stdout, sys.stdout = sys.stdout, _DivertPrints(sys.stdout, logging.getLogger("DeepSpeed"))
+    if route_workers:
+        state.route_ray_workers()
     return state

@@ -1,7 +1,7 @@
 """The driver: config -> data -> MarginController actor -> TorchTrainer.fit() -> run directory.
 
-``prepare_data`` (:mod:`.prepare`) reads, validates, pairs and tokenizes once (Ray Data
-``map_batches``) and materialises the result, so sweeps reuse it across trials; ``fit_run`` builds the trainer for one
+``prepare_data`` (:mod:`.prepare`) reads, validates, pairs and tokenizes once into a materialised
+Ray dataset, so sweeps reuse it across trials; ``fit_run`` builds the trainer for one
 run, shows progress while it trains, and writes the run directory (ARCHITECTURE.md "Contracts"):
 ``config.yaml``, ``metrics.jsonl``, ``lambdas.csv``, ``final/``, ``summary.json``,
 ``before_after.md``, ``lambdas.png``, ``data_report.json`` and ``quarantine.jsonl`` when rows were
@@ -183,6 +183,7 @@ def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
             outcome["error"] = exc
 
     t0 = time.perf_counter()
+    sinks.fit_start_time = time.time()
     thread = threading.Thread(target=target, name="catdpo-fit", daemon=True)
     thread.start()
     interrupted = False
@@ -203,7 +204,8 @@ def fit_run(cfg: RunConfig, data: PreparedData, run_dir: Path, run_name: str, *,
     if error is None and result is not None and getattr(result, "error", None) is not None:
         error = result.error
     status = "interrupted" if interrupted else ("failed" if error is not None else "finished")
-    summary: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "wall_time_s": wall, "total_steps": total,
+    summary: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "wall_time_s": wall,
+                               "fit_start_time": sinks.fit_start_time, "total_steps": total,
                                "steps_per_epoch": steps_per_epoch, "trailing_pairs_skipped_per_epoch": dropped,
                                "data": data.report, "last_step": sinks.last_step, "final_eval": sinks.last_eval,
                                "status": status}
@@ -272,9 +274,10 @@ def run_training(cfg: RunConfig) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved_path, to_yaml(cfg))
     loaded = load_pairs(cfg, run_dir)  # bad/empty files are reported before Ray starts
-    init_ray(cfg)
-    console = setup_console(run_dir)  # framework noise -> <run>/logs/framework.log
+    console = setup_console(run_dir, route_workers=False)  # framework noise -> <run>/logs/framework.log
     try:
+        init_ray(cfg)  # Ray's start-up notices go to the file too
+        console.route_ray_workers()
         data = prepare_data(cfg, run_dir, loaded=loaded)
         atomic_write_text(run_dir / "data_report.json", json.dumps(data.report, indent=2))
         preflight(cfg, data.model_path)

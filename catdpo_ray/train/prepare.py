@@ -1,11 +1,11 @@
 """Data preparation on the driver: read, validate, pair, tokenize, add reference columns, split.
 
 Run once per job (a sweep reuses it across trials, ARCHITECTURE.md "Contracts"): both splits are read
-and paired before Ray starts (:func:`load_pairs`, so a bad file is reported at once), then tokenized
-in one Ray Data pass (:func:`catdpo_ray.data.tokenize.tokenize_pairs` tasks; each worker process
-keeps its tokenizer between runs), given the cached reference log-prob columns
-(:mod:`catdpo_ray.data.reference`), and split back into train and test by row index (the order is
-preserved end to end and checked while the truncation counts are summed).
+and paired before Ray starts (:func:`load_pairs`, so a bad file is reported at once), tokenized in one
+pass in the driver (:func:`tokenize_table`; the process keeps its tokenizer between runs) into one
+Arrow table, given the cached reference log-prob columns (:mod:`catdpo_ray.data.reference`; only a
+cache miss runs a Ray Data actor pool), split into train and test by row index (checked against the
+``split`` column) and handed to Ray as two materialised datasets (:mod:`catdpo_ray.data.tables`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from catdpo_ray.config import RunConfig
 from catdpo_ray.data.loader import dropped_per_epoch, format_category_table, load_split
+from catdpo_ray.data.tables import batch_to_table, column, to_dataset
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -83,12 +86,8 @@ def load_pairs(cfg: RunConfig, run_dir: Path, *, verbose: bool = True) -> Loaded
 
 
 def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True, loaded: LoadedPairs | None = None) -> PreparedData:
-    """Read + validate + pair both splits on the driver (unless ``loaded``), tokenize with Ray Data,
-    add the reference log-prob columns (the cached reference stage), materialise."""
-    import ray.data
-
-    from catdpo_ray.data.tokenize import tokenize_pairs
-
+    """Read + validate + pair both splits on the driver (unless ``loaded``), tokenize into a Ray dataset,
+    add the reference log-prob columns (the cached reference stage), split by index."""
     model_path, tokenizer_path = resolve_model(cfg)
     loaded = loaded or load_pairs(cfg, run_dir, verbose=verbose)
     train_pairs, test_pairs = list(loaded.train), loaded.test
@@ -96,46 +95,28 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True, loaded:
         random.Random(cfg.train.seed).shuffle(train_pairs)
     world = cfg.data_parallel_size
 
-    # One Ray Data pass for both splits (tasks: a worker process that tokenized before reuses its loaded
-    # tokenizer), then the reference stage, then a split by row index: the order is kept end to end.
+    # Both splits tokenized in one pass here, then the reference stage, then a split by row index: one
+    # table in this process, in this order, until the finished splits become Ray datasets.
     items = [{**p, "split": 0} for p in train_pairs] + [{**p, "split": 1} for p in test_pairs]
     t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
-    keep_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        tokenized = ray.data.from_items(items, override_num_blocks=max(2, world * 2)).map_batches(
-            tokenize_pairs,
-            fn_kwargs={
-                "tokenizer_path": tokenizer_path,
-                "prompt_template": cfg.data.prompt_template,
-                "use_chat_template": cfg.data.use_chat_template,
-                "max_length": cfg.data.max_length,
-                "max_prompt_length": cfg.data.max_prompt_length,
-                "trust_remote_code": cfg.model.trust_remote_code,
-            },
-            batch_size=512,
-            batch_format="numpy",
-            num_cpus=0.5,  # an exception in the tokenizer is not retried: it fails the run at once
-            # One task at a time: every process that tokenizes first imports transformers and loads the
-            # tokenizer (seconds); one warm process is faster than several cold ones on small corpora.
-            concurrency=1,
-        ).materialize()
-    finally:
-        ctx.execution_options.preserve_order = keep_order
+    table = tokenize_table(items, settings={
+        "tokenizer_path": tokenizer_path, "prompt_template": cfg.data.prompt_template,
+        "use_chat_template": cfg.data.use_chat_template, "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length, "trust_remote_code": cfg.model.trust_remote_code})
     if verbose:
         print(f"[data] tokenized {len(train_pairs)} + {len(test_pairs)} pairs in {time.perf_counter() - t0:.1f}s",
               flush=True)
     # The reference stage scores both splits in one pass (one actor start, one model load, one cache entry).
-    tokenized, reference = _reference_stage(cfg, tokenized, model_path, tokenizer_path, verbose=verbose)
-    train_ds, test_ds = tokenized.split_at_indices([len(train_pairs)])
+    table, reference = _reference_stage(cfg, table, model_path, tokenizer_path, verbose=verbose)
+    train_t, test_t = _split_table(table, len(train_pairs), len(test_pairs))
     if reference["mode"] == "none" and (cfg.train.eval_before_after or cfg.train.eval_every):
-        test_ds, reference["test"] = _eval_reference(cfg, test_ds, model_path, tokenizer_path, verbose=verbose)
-    truncated = {"train": _truncated_in_split(train_ds, 0, len(train_pairs)),
-                 "test": _truncated_in_split(test_ds, 1, len(test_pairs))}
+        test_t, reference["test"] = _eval_reference(cfg, test_t, model_path, tokenizer_path, verbose=verbose)
+    truncated = {"train": int(column(train_t, "truncated").sum()), "test": int(column(test_t, "truncated").sum())}
     if verbose and (truncated["train"] or truncated["test"]):
         print(f"[data] truncated to data.max_length / data.max_prompt_length: {truncated['train']} training and "
               f"{truncated['test']} test pairs", flush=True)
+    blocks = max(2, world * 2)  # a few blocks per worker: the training split is streamed to every rank
+    train_ds, test_ds = to_dataset(train_t, blocks), to_dataset(test_t, blocks)
     report: dict[str, Any] = {"train": loaded.train_report.to_dict(), "test": loaded.test_report.to_dict(),
                               "truncated": truncated, "pair_mode": cfg.pair_mode, "test_pair_mode": EVAL_PAIR_MODE,
                               "dropped_per_epoch": dropped_per_epoch(len(train_pairs), cfg.global_batch_size)}
@@ -145,34 +126,67 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True, loaded:
                         worker_plan)
 
 
-def _reference_stage(cfg: RunConfig, tokenized: Any, model_path: str, tokenizer_path: str, *,
+def tokenize_table(items: list[dict[str, Any]], *, settings: dict[str, Any]) -> Any:
+    """Tokenize pair records in this (the driver's) process: one ``pyarrow.Table``, one row per record,
+    in order (:mod:`catdpo_ray.data.tables`).
+
+    Why here and not in Ray Data tasks: the records are already in this process (they were read and
+    validated here), tokenization is single-threaded Python either way, and a fresh Ray worker process
+    first imports transformers and loads the tokenizer. Measured on the 2070 pairs of the bundled data
+    (2 cores): 1.8 s here (1.5 s of it the first import and load; the tokenizer is kept for the next
+    run in the process), 4.8 s as one Ray Data task. A tokenizer error fails the preparation: every
+    record is tokenized or none is used.
+    """
+    from catdpo_ray.data.tokenize import tokenize_pairs
+
+    if not items:
+        raise ValueError("no pairs to tokenize")
+    columns = {key: np.empty(len(items), dtype=object) for key in items[0]}
+    for i, item in enumerate(items):
+        for key, values in columns.items():
+            values[i] = np.asarray(item[key]) if key == "categories" else item[key]
+    return batch_to_table(tokenize_pairs(columns, **settings))
+
+
+def _split_table(table: Any, train_rows: int, test_rows: int) -> tuple[Any, Any]:
+    """The one table -> (train, test) by row index; checks that the ``split`` column agrees."""
+    if table.num_rows != train_rows + test_rows:
+        raise RuntimeError(f"data preparation returned {table.num_rows} rows, expected {train_rows} + {test_rows}")
+    train_t, test_t = table.slice(0, train_rows), table.slice(train_rows)
+    for name, part, split in (("train", train_t, 0), ("test", test_t, 1)):
+        if (column(part, "split") != split).any():
+            raise RuntimeError(f"data preparation lost the row order: the {name} split holds rows of the other split")
+    return train_t, test_t
+
+
+def _reference_stage(cfg: RunConfig, table: Any, model_path: str, tokenizer_path: str, *,
                      verbose: bool) -> tuple[Any, dict[str, Any]]:
     """Reference log-prob columns for both splits (``model.reference=precompute``): the cached Ray Data
     stage of :mod:`catdpo_ray.data.reference`. ``online``: none (the workers' frozen reference engine
     scores every batch, as before). ``none`` (reference-free losses): see :func:`_eval_reference`."""
-    from catdpo_ray.data.reference import add_reference_columns, resolve_reference_mode
+    from catdpo_ray.data.reference import add_reference_table, resolve_reference_mode
 
     mode = resolve_reference_mode(cfg)
     info: dict[str, Any] = {"mode": mode}
     if mode == "precompute":
-        tokenized, info["pairs"] = add_reference_columns(tokenized, cfg=cfg, model_path=model_path,
-                                                         tokenizer_path=tokenizer_path, split_name="train+test",
-                                                         micro_batch_size=max(16, cfg.train.micro_batch_size))
+        table, info["pairs"] = add_reference_table(table, cfg=cfg, model_path=model_path, tokenizer_path=tokenizer_path,
+                                                   split_name="train+test",
+                                                   micro_batch_size=max(16, cfg.train.micro_batch_size))
         _say_reference(info["pairs"], verbose)
-    return tokenized, info
+    return table, info
 
 
-def _eval_reference(cfg: RunConfig, test_ds: Any, model_path: str, tokenizer_path: str, *,
+def _eval_reference(cfg: RunConfig, test_t: Any, model_path: str, tokenizer_path: str, *,
                     verbose: bool) -> tuple[Any, dict[str, Any]]:
     """SimPO trains without a reference, but its held-out implicit-reward accuracy still needs the true
     one: the test split alone goes through the stage (scored as DPO pairs would be)."""
-    from catdpo_ray.data.reference import add_reference_columns
+    from catdpo_ray.data.reference import add_reference_table
 
     eval_cfg = cfg.replace({"loss.name": "dpo", "data.pairs": "safety_aware", "model.reference": "precompute"})
-    test_ds, info = add_reference_columns(test_ds, cfg=eval_cfg, model_path=model_path, tokenizer_path=tokenizer_path,
-                                          split_name="test", micro_batch_size=max(16, cfg.train.micro_batch_size))
+    test_t, info = add_reference_table(test_t, cfg=eval_cfg, model_path=model_path, tokenizer_path=tokenizer_path,
+                                       split_name="test", micro_batch_size=max(16, cfg.train.micro_batch_size))
     _say_reference(info, verbose)
-    return test_ds, info
+    return test_t, info
 
 
 def _say_reference(info: dict[str, Any], verbose: bool) -> None:
@@ -189,21 +203,6 @@ def _onpolicy_plan(cfg: RunConfig, train_pairs: list[dict[str, Any]]) -> dict[st
 
     return {"onpolicy_prompts": prompt_table(train_pairs, list(cfg.data.categories), cfg.dual.generation_pool_per_category)}
 
-
-
-def _truncated_in_split(ds: Any, split: int, rows: int) -> int:
-    """Truncated pairs of one split, streamed; checks on the way that every row belongs to ``split`` and
-    that there are ``rows`` of them (the split by index relies on the order Ray Data preserved)."""
-    truncated = seen = 0
-    for b in ds.select_columns(["split", "truncated"]).iter_batches(batch_size=None, batch_format="numpy"):
-        if (b["split"] != split).any():
-            raise RuntimeError(f"data preparation lost the row order: the {('train', 'test')[split]} split holds "
-                               "rows of the other split")
-        truncated += int(b["truncated"].sum())
-        seen += len(b["split"])
-    if seen != rows:
-        raise RuntimeError(f"data preparation returned {seen} {('train', 'test')[split]} rows, expected {rows}")
-    return truncated
 
 
 def plan_steps(cfg: RunConfig, num_train_pairs: int) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Driver-side metric sinks: metrics.jsonl, lambdas.csv, TensorBoard, MLflow / W&B, progress lines.
 
 Rows arrive from the MarginController (``kind`` = step | eval | checkpoint | resume | reset |
-warning). On a ``resume`` row the files are cut back to the resumed step, so a restarted run never
+warning | startup). On a ``resume`` row the files are cut back to the resumed step, so a restarted run never
 shows steps twice and never shows steps newer than the checkpoint it resumed from. A ``reset`` row
 (or a ``resume`` at step 0) means the workers restarted with no checkpoint: training starts over,
 so both files are cut back to nothing but the CSV header.
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from catdpo_ray.config import RunConfig
+from catdpo_ray.train.startup import describe as describe_startup
 
 #: Steps in the moving average of step times behind the ETA.
 ETA_WINDOW = 20
@@ -144,6 +145,8 @@ class MetricSinks:
         self._written: set[tuple[Any, Any, bool]] = set()
         self._step_times: deque[float] = deque(maxlen=ETA_WINDOW)
         self._warned: dict[str, int] = {}
+        #: When the driver called ``fit()`` (``time.time()``), for the ``startup`` rows' console line.
+        self.fit_start_time: float | None = None
         # A rerun of an existing run directory: repair torn last lines before anything is appended
         # to them (an append after a torn line would glue two rows into one unreadable line).
         self._cut_back(max_step=sys.maxsize, why="")
@@ -220,6 +223,8 @@ class MetricSinks:
             )
         elif kind == "checkpoint":
             self._print(f"checkpoint saved at step {row['step']}{' (final)' if row.get('final') else ''}", force=True)
+        elif kind == "startup":
+            self._print(describe_startup(row, self.fit_start_time), force=True)
         elif kind == "warning":
             # Shown once per distinct message; repeats stay in metrics.jsonl and are counted at close.
             seen = self._warned.get(row["message"], 0)

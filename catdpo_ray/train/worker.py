@@ -48,6 +48,7 @@ from catdpo_ray.train.localgroup import init_local_group as _init_local_process_
 from catdpo_ray.train.localgroup import release_local_group as _release_local_process_group  # noqa: E402,F401
 from catdpo_ray.train.models import Models, preference_batch
 from catdpo_ray.train.onpolicy import offline_signal
+from catdpo_ray.train.startup import StartupClock
 from catdpo_ray.train.stepstats import SCALARS, micro_stats, step_row
 from catdpo_ray.train.stepstats import digest as _digest  # noqa: E402,F401
 
@@ -62,12 +63,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from catdpo_ray.train.modeling import import_deepspeed_in_worker
 
     cfg = from_dict(loop_config["config"])
+    clock = StartupClock(own_process=cfg.scaling.num_workers != 0)
     if cfg.scaling.num_workers != 0:
         import_deepspeed_in_worker()  # a worker process of its own: skip DeepSpeed's mlflow import
-        _train(cfg, loop_config["plan"], loop_config["controller"])
+        clock.mark("import")
+        _train(cfg, loop_config["plan"], loop_config["controller"], clock)
         return
     with local_process_group():
-        _train(cfg, loop_config["plan"], loop_config["controller"])
+        clock.mark("import")
+        _train(cfg, loop_config["plan"], loop_config["controller"], clock)
 
 
 def _threads(cfg: RunConfig) -> int:
@@ -132,8 +136,8 @@ def _dual_tensor(current: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(list(current["lambdas"]) + list(current["binding"]), dtype=torch.float64)
 
 
-def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
-    """The loop itself (module docstring); runs on every rank."""
+def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any, clock: StartupClock) -> None:
+    """The loop itself (module docstring); runs on every rank. ``clock``: this start's phase marks."""
     import ray.train
     import ray.train.torch
 
@@ -151,6 +155,7 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(plan["tokenizer_path"], trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    clock.mark("tokenizer")
     need_mi = cfg.loss.name == "bdpo"
     # The held-out evaluation needs no mutual information: its batches carry no response-only pass.
     collate = ray_collate(pad_id=pad_id)
@@ -158,6 +163,7 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     C.clean_stale_staging(plan, rank)
     models = Models(cfg, plan["model_path"], world, total_steps)
     engine = models.engine
+    clock.mark("model_and_engine")
     k = cfg.num_categories
     params = LossParams(beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing, delta=cfg.loss.delta,
                         simpo_gamma=cfg.loss.simpo_gamma, bdpo_tau=cfg.loss.bdpo_tau, agg=cfg.dual.agg)
@@ -172,6 +178,8 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
     else:
         dual = torch.zeros(2 * k, dtype=torch.float64)
     dual = D.broadcast(dual, device)
+    clock.mark("restore")
+    startup_row: dict[str, Any] | None = None if restored.step < total_steps else clock.row(restored.step)
 
     onpolicy = None
     if cfg.dual.violation in ("generation", "blend"):
@@ -212,6 +220,8 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
         while step < min(total_steps, (epoch + 1) * steps_per_epoch):
             t0 = time.perf_counter()
             micro = _take(it, cfg.train.grad_accum)
+            if startup_row is None:
+                clock.mark("first_batch")
             full = D.all_reduce(torch.tensor([1.0 if len(micro) == cfg.train.grad_accum else 0.0]), device, op="min")
             if full.item() == 0:
                 break  # some rank's shard ran short: every rank ends the epoch here, together
@@ -241,6 +251,11 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any) -> None:
                     row.update(onpolicy.row_fields())
                 dual = _dual_tensor(link.step(step, glob[:k].tolist(), glob[k : 2 * k].tolist(), row))
             dual = D.broadcast(dual, device)
+            if startup_row is None:
+                clock.mark("first_step")
+                startup_row = clock.row(restored.step)
+                if link is not None:
+                    link.record(startup_row)
             if onpolicy is not None and link is not None:
                 onpolicy.flush(link, step)
             maybe_fail(plan, "step", step, rank, local=cfg.scaling.num_workers == 0)

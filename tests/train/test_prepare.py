@@ -1,25 +1,59 @@
-"""Data preparation splits the tokenized rows back into train and test by index; the split is checked."""
+"""Data preparation: tokenized in the driver into one table, split back into train and test by index
+(checked), handed to Ray as datasets with the columns a Ray Data tokenization gives."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from catdpo_ray.config import load_config
+from catdpo_ray.data.tables import batch_to_table, dataset_table, to_dataset
 from catdpo_ray.ray_session import init_ray
-from catdpo_ray.train.prepare import _truncated_in_split
+from catdpo_ray.train.prepare import _split_table, load_pairs, resolve_model, tokenize_table
 
 
-def test_split_by_index_counts_truncation_and_refuses_a_lost_order() -> None:
+def test_split_by_index_checks_the_split_column_and_the_row_count() -> None:
+    table = batch_to_table({"split": np.array([0, 0, 1], dtype=np.int8), "truncated": np.array([1, 0, 1])})
+    train, test = _split_table(table, 2, 1)
+    assert (train.num_rows, test.num_rows) == (2, 1)
+    assert train.column("truncated").to_pylist() == [1, 0] and test.column("truncated").to_pylist() == [1]
+    shuffled = batch_to_table({"split": np.array([0, 1, 0], dtype=np.int8), "truncated": np.array([0, 0, 0])})
+    with pytest.raises(RuntimeError, match="lost the row order: the train split holds rows of the other split"):
+        _split_table(shuffled, 2, 1)
+    with pytest.raises(RuntimeError, match="returned 3 rows, expected 3 \\+ 1"):
+        _split_table(table, 3, 1)
+
+
+def test_driver_tokenization_equals_a_ray_data_tokenization_and_keeps_the_order(tiny_model_dir: str, tmp_path) -> None:
+    """The table the driver builds holds exactly what a Ray Data ``map_batches`` of the same function
+    gives (types and values), and a dataset made from it hands the rows back in order."""
     import ray.data
 
-    init_ray(load_config(None, []))
-    rows = [{"split": 0, "truncated": 1}, {"split": 0, "truncated": 0}, {"split": 1, "truncated": 1}]
-    train, test = ray.data.from_items(rows).materialize().split_at_indices([2])
-    assert (_truncated_in_split(train, 0, 2), _truncated_in_split(test, 1, 1)) == (1, 1)
-    with pytest.raises(RuntimeError, match="lost the row order: the train split holds rows of the other split"):
-        _truncated_in_split(ray.data.from_items(rows), 0, 3)
-    with pytest.raises(RuntimeError, match="returned 2 train rows, expected 3"):
-        _truncated_in_split(train, 0, 3)
+    from catdpo_ray.data.tokenize import tokenize_pairs
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.max_train_rows=60", "data.max_test_rows=1"])
+    init_ray(cfg)
+    items = [{**p, "split": 0} for p in load_pairs(cfg, tmp_path, verbose=False).train]
+    settings = {"tokenizer_path": resolve_model(cfg)[1], "prompt_template": cfg.data.prompt_template,
+                "use_chat_template": False, "max_length": 48, "max_prompt_length": 24, "trust_remote_code": False}
+    table = tokenize_table(items, settings=settings)
+    assert table.num_rows == len(items) and int(table.column("truncated").to_numpy().sum()) > 0  # both paths cut
+    ctx = ray.data.DataContext.get_current()
+    keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        reference = ray.data.from_items(items).map_batches(tokenize_pairs, fn_kwargs=settings, batch_size=16,
+                                                           batch_format="numpy").materialize()
+    finally:
+        ctx.execution_options.preserve_order = keep
+    ours = to_dataset(table, 4)
+    assert ours.num_blocks() == 4 and ours.schema() == reference.schema()
+    a, b = ours.take_batch(len(items), batch_format="numpy"), reference.take_batch(len(items), batch_format="numpy")
+    assert set(a) == set(b)
+    for name in a:
+        assert len(a[name]) == len(b[name]) == len(items)
+        for x, y in zip(a[name], b[name]):
+            assert np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y), name
+    assert dataset_table(ours).equals(table)  # blocks back in order
 
 
 def test_tokenize_pairs_keeps_one_tokenizer_per_process_until_its_files_change(tiny_model_dir: str, tmp_path) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from catdpo_ray.config import load_config
 from catdpo_ray.train.driver import run_training
+from catdpo_ray.train.startup import PHASES
 from tests.train.helpers import check_generation_rounds, read_lambdas_csv, read_rows, replay_dual, small_corpus
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,9 @@ def test_zero2_two_workers_odd_dataset(tiny_model_dir: str, tmp_path: Path) -> N
     assert pairs % cfg.global_batch_size != 0, "the point is an odd dataset size"
     steps = read_rows(run, "step")
     assert [r["step"] for r in steps] == list(range(1, 2 * (pairs // 16) + 1))
+    (startup,) = read_rows(run, "startup")  # rank 0's start, phase by phase, its launch included
+    assert startup["step"] == 0 and list(startup["seconds"]) == list(PHASES)
+    assert all(v >= 0 for v in startup["seconds"].values()) and startup["seconds"]["launch"] > 0
     # lambda in lambdas.csv == a replay of DualState over the logged global (n, v), bit for bit
     logged = read_lambdas_csv(run)
     assert [int(r[0]) for r in logged] == [r["step"] for r in steps]

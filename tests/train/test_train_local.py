@@ -9,6 +9,7 @@ import pytest
 
 from catdpo_ray.config import load_config
 from catdpo_ray.train.driver import fit_run, init_ray, prepare_data
+from catdpo_ray.train.startup import PHASES
 from tests.train.helpers import read_rows, small_corpus
 
 
@@ -57,6 +58,9 @@ def test_every_loss_trains_and_exports(tiny_model_dir: str, tmp_path: Path, loss
     steps = read_rows(result.run_dir, "step")
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] for r in steps)  # no NaN
+    (startup,) = read_rows(result.run_dir, "startup")  # one worker start, timed phase by phase
+    assert startup["step"] == 0 and startup["seconds"]["launch"] is None  # local mode: the driver's own process
+    assert list(startup["seconds"])[1:] == list(PHASES[1:]) and all(v >= 0 for v in list(startup["seconds"].values())[1:])
     assert (result.run_dir / "final" / "model.safetensors").exists()
     # local mode: checkpoints live in the run's storage (Ray persists nothing here), newest two kept
     local = tmp_path / "ray_storage" / loss / "local_checkpoints"
