@@ -12,6 +12,9 @@ import pytest
 # reads this at start-up (the driver's environment reaches it); it changes when a run's end is seen, not
 # what the run computes. A value the caller set is kept.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train 2.60 starts a PreemptionWatcher actor (a process of its own, polling the cloud provider's
+# preemption notices) at every worker-group start; nothing can be preempted here.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

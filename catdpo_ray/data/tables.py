@@ -33,7 +33,9 @@ def to_dataset(table: Any, num_blocks: int) -> Any:
     rows = table.num_rows
     n = max(1, min(num_blocks, rows))
     bounds = np.linspace(0, rows, n + 1).astype(int)
-    return ray.data.from_arrow([table.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])])
+    # from_blocks keeps exactly these blocks and reads their metadata here (from_arrow would run a Ray
+    # task per call for it: a worker process to start on a cold cluster).
+    return ray.data.from_blocks([table.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def dataset_table(ds: Any) -> Any:
@@ -45,6 +47,27 @@ def dataset_table(ds: Any) -> Any:
     if not blocks:
         raise ValueError("the dataset has no blocks")
     return pa.concat_tables(blocks)
+
+
+def train_shard_name(rank: int) -> str:
+    """The name under which rank ``rank`` finds its training dataset (:func:`rank_shards`)."""
+    return f"train_rank{rank}"
+
+
+def rank_shards(ds: Any, world: int) -> list[Any]:
+    """The training split -> ``world`` datasets of equal size, rank ``r`` holding rows ``r, r + world, ...``
+    (strided: global batch ``i`` is then rows ``i*G .. (i+1)*G - 1`` of the driver's order before the
+    workers' local shuffle). The last ``rows % world`` rows are left out (every rank takes the same
+    number of steps); :func:`~catdpo_ray.data.loader.dropped_per_epoch` counts them with the trailing pairs.
+
+    Made here, in the driver, from the materialised blocks: deterministic (the same rows go to the same
+    rank on every run and resume) and with no Ray Data coordinator actor to start, as
+    ``streaming_split`` needs one per run.
+    """
+    table = dataset_table(ds)
+    per_rank = table.num_rows // world
+    blocks = max(2, -(-per_rank // 8192))  # a few blocks per rank; about 8k pairs each on large splits
+    return [to_dataset(table.take(np.arange(r, per_rank * world, world)), blocks) for r in range(world)]
 
 
 def column(table: Any, name: str) -> np.ndarray:

@@ -89,6 +89,7 @@ def build_trainer(cfg: RunConfig, data: PreparedData, plan: dict[str, Any], cont
     from ray.train import DataConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from catdpo_ray.data.tables import rank_shards, train_shard_name
     from catdpo_ray.train.worker import train_loop_per_worker
 
     sc = cfg.scaling
@@ -109,10 +110,12 @@ def build_trainer(cfg: RunConfig, data: PreparedData, plan: dict[str, Any], cont
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.output.num_checkpoints_to_keep),
             callbacks=callbacks or [],
         ),
-        datasets={"train": data.train, "test": data.test},
-        # Only the training split is sharded; every rank sees the whole test split and scores its own
-        # strided share, so no held-out pair is dropped (RAY_DEEPSPEED_NOTES.md pitfall 14).
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # The training split is sharded here, one dataset per rank (strided rows, equal sizes: rank_shards);
+        # every rank sees the whole test split and scores its own strided share, so no held-out pair is
+        # dropped (RAY_DEEPSPEED_NOTES.md pitfall 14). Ray Train splits nothing.
+        datasets={**{train_shard_name(r): shard for r, shard in enumerate(rank_shards(data.train, cfg.data_parallel_size))},
+                  "test": data.test},
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 

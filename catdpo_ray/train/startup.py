@@ -15,7 +15,7 @@ Phases, in order (seconds each; wall clock, ``time.time()``):
   process group's set-up.
 - ``tokenizer``, ``model_and_engine`` (every ``from_pretrained`` plus ``deepspeed.initialize``),
   ``restore`` (checkpoint verification and load, the MarginController's ``begin``, the lambda broadcast).
-- ``first_batch``: the first step's micro-batches from the Ray Data shard (the streaming split starts).
+- ``first_batch``: the first step's micro-batches from this rank's training dataset (its iterator starts).
 - ``first_step``: the rest of step 1 (forward, backward, optimizer step, all-reduce, controller update).
 
 ``fit_to_entry_s`` (the driver's ``fit()`` call to the function's first line: the controller actor,

@@ -35,6 +35,7 @@ import torch
 
 from catdpo_ray.config import RunConfig, from_dict
 from catdpo_ray.data.batching import batch_token_counts
+from catdpo_ray.data.tables import train_shard_name
 from catdpo_ray.data.tokenize import ray_collate, response_start_id
 from catdpo_ray.losses import LossParams, compute_loss
 from catdpo_ray.train import checkpointing as C
@@ -214,7 +215,7 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any, clock: Startup
     train_collate, packed = _train_collate(cfg, models, pad_id, response_start_id(tokenizer) if online_mi else None,
                                            online_mi)
     while step < total_steps:
-        it, exact = epoch_micro_batches(ray.train.get_dataset_shard("train"), cfg, epoch, rank, train_collate,
+        it, exact = epoch_micro_batches(ray.train.get_dataset_shard(train_shard_name(rank)), cfg, epoch, rank, train_collate,
                                         skip=(step - epoch * steps_per_epoch) * cfg.train.grad_accum)
         epoch_start = step
         while step < min(total_steps, (epoch + 1) * steps_per_epoch):

@@ -82,3 +82,18 @@ def test_tokenize_pairs_keeps_one_tokenizer_per_process_until_its_files_change(t
     assert len(T._TOKENIZERS) == 1 and next(iter(T._TOKENIZERS.values())) is not loaded
     T.tokenize_pairs(batch, **{**settings, "max_length": 24})  # other settings: another tokenizer, still one held
     assert len(T._TOKENIZERS) == 1 and next(iter(T._TOKENIZERS.values())).max_length == 24
+
+
+def test_rank_shards_are_strided_equal_and_leave_out_only_the_remainder() -> None:
+    """Rank r holds rows r, r + world, ...: global batch i is rows i*G .. (i+1)*G - 1 of the driver's order."""
+    from catdpo_ray.data.tables import rank_shards
+
+    init_ray(load_config(None, []))
+    ids = np.array([np.arange(i % 5 + 1, dtype=np.int32) for i in range(11)], dtype=object)
+    ds = to_dataset(batch_to_table({"row": np.arange(11), "chosen_ids": ids}), 3)
+    shards = rank_shards(ds, 3)
+    rows = [dataset_table(s).column("row").to_pylist() for s in shards]
+    assert rows == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # 11 % 3 = 2 rows (9, 10) left out
+    got = dataset_table(shards[1]).column("chosen_ids").to_pylist()
+    assert [len(x) for x in got] == [2, 5, 3]  # the variable-length token ids travel with their rows
+    assert [r for r in dataset_table(rank_shards(ds, 1)[0]).column("row").to_pylist()] == list(range(11))
