@@ -212,6 +212,9 @@ def test_tiny_job_submitted_to_a_local_head_succeeds(local_head: dict[str, str],
     overrides = ["scaling.num_workers=1", "train.max_steps=2", "data.max_train_rows=96", "data.max_test_rows=32",
                  "logging.tensorboard=false", f"output.dir={runs}", "output.name=submitted"]
     sub = S.build_submission(TINY_JOB, overrides, tmp_path / "wd")
+    # The job first says which catdpo_ray it imports: the uploaded copy of the package, not the one installed
+    # here -- what makes the same submission work on a cluster whose image lacks (or has an older) catdpo-ray.
+    sub.entrypoint = "python -c 'import catdpo_ray; print(\"FROM\", catdpo_ray.__file__)' && " + sub.entrypoint
     client = JobSubmissionClient(sub.address, headers={"Authorization": f"Bearer {local_head['token']}"})
     with pytest.raises(urllib.error.HTTPError) as denied:  # token auth is on: no token, no jobs
         urllib.request.urlopen(f"{sub.address}/api/jobs/", timeout=30)
@@ -232,11 +235,5 @@ def test_tiny_job_submitted_to_a_local_head_succeeds(local_head: dict[str, str],
     info = client.get_job_info(job_id)
     assert info.runtime_env["working_dir"].startswith("gcs://")  # uploaded, not a path on this machine
 
-    # The job imports the uploaded copy of the package, not the one installed here: what makes the
-    # same submission work on a cluster whose image lacks (or has an older) catdpo-ray.
-    probe_sub = S.build_submission(TINY_JOB, [], tmp_path / "wd2")
-    probe_sub.entrypoint = "python -c 'import catdpo_ray; print(\"FROM\", catdpo_ray.__file__)'"
-    probe = S.submit(probe_sub)
-    assert S.wait(sub.address, probe, headers=sub.headers, timeout_s=300, echo=False) == "SUCCEEDED"
-    origin = next(line for line in client.get_job_logs(probe).splitlines() if line.startswith("FROM "))
+    origin = next(line for line in logs.splitlines() if line.startswith("FROM "))
     assert local_head["temp_dir"] in origin and str(REPO) not in origin
