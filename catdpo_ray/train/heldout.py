@@ -3,8 +3,8 @@
 Ray Train's default ``DataConfig`` splits every dataset equally and drops the remainder
 (RAY_DEEPSPEED_NOTES.md pitfall 14), which lost test pairs and could make a small category vanish.
 The trainer therefore lets Ray Train split nothing (``DataConfig(datasets_to_split=[])``; the
-training split comes as one dataset per rank, made by the driver): every rank iterates the whole test split in the same batches and scores batch ``i`` iff
-``i % world == rank``. Ranks run the same number of forward passes (a rank without a batch in the
+training split comes as one dataset per rank, made by the driver): every rank iterates the whole
+test split in the same batches and scores batch ``i`` iff ``i % world == rank``. Ranks run the same number of forward passes (a rank without a batch in the
 last round forwards a copy of its previous one with weight 0), because under ZeRO-3 every forward
 is a collective of parameter gathers. The counts are summed with one all-reduce.
 
