@@ -243,10 +243,8 @@ def add_reference_columns(ds: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     is precomputed). Returns ``(dataset, info)``."""
     from catdpo_ray.data.tables import dataset_table, to_dataset
 
-    if resolve_reference_mode(kwargs["cfg"]) != "precompute":
-        return ds, add_reference_table(None, **kwargs)[1]
     table, info = add_reference_table(dataset_table(ds), **kwargs)
-    return to_dataset(table, ds.num_blocks()), info
+    return (to_dataset(table, ds.num_blocks()) if info["mode"] == "precompute" else ds), info
 
 
 def add_reference_table(table: Any, *, cfg: RunConfig, model_path: str, tokenizer_path: str, split_name: str,

@@ -101,6 +101,13 @@ class _DivertPrints:
     def flush(self) -> None:
         self.stream.flush()
 
+    def release(self) -> TextIO:
+        """Pass on a held, unfinished line and return the wrapped stream."""
+        if self._partial:
+            self.stream.write(self._partial)
+            self._partial = ""
+        return self.stream
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
@@ -134,6 +141,7 @@ class Console:
 
     def close(self) -> None:
         if self.stdout is not None and isinstance(sys.stdout, _DivertPrints):
+            sys.stdout.release()
             sys.stdout = self.stdout
         for name, (handlers, propagate, level) in self.saved.items():
             logger = logging.getLogger(name)

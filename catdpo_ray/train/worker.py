@@ -180,7 +180,7 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any, clock: Startup
         dual = torch.zeros(2 * k, dtype=torch.float64)
     dual = D.broadcast(dual, device)
     clock.mark("restore")
-    startup_row: dict[str, Any] | None = None if restored.step < total_steps else clock.row(restored.step)
+    startup_pending = restored.step < total_steps  # the startup row goes out after this start's first step
 
     onpolicy = None
     if cfg.dual.violation in ("generation", "blend"):
@@ -221,7 +221,7 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any, clock: Startup
         while step < min(total_steps, (epoch + 1) * steps_per_epoch):
             t0 = time.perf_counter()
             micro = _take(it, cfg.train.grad_accum)
-            if startup_row is None:
+            if startup_pending:
                 clock.mark("first_batch")
             full = D.all_reduce(torch.tensor([1.0 if len(micro) == cfg.train.grad_accum else 0.0]), device, op="min")
             if full.item() == 0:
@@ -252,11 +252,11 @@ def _train(cfg: RunConfig, plan: dict[str, Any], controller: Any, clock: Startup
                     row.update(onpolicy.row_fields())
                 dual = _dual_tensor(link.step(step, glob[:k].tolist(), glob[k : 2 * k].tolist(), row))
             dual = D.broadcast(dual, device)
-            if startup_row is None:
+            if startup_pending:
                 clock.mark("first_step")
-                startup_row = clock.row(restored.step)
+                startup_pending = False
                 if link is not None:
-                    link.record(startup_row)
+                    link.record(clock.row(restored.step))
             if onpolicy is not None and link is not None:
                 onpolicy.flush(link, step)
             maybe_fail(plan, "step", step, rank, local=cfg.scaling.num_workers == 0)
