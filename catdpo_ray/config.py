@@ -102,8 +102,9 @@ class ModelConfig:
     #: Where the tiny model and tokenizer are cached (``~/.cache/catdpo_ray`` by default,
     #: or ``$CATDPO_CACHE``).
     cache_dir: str | None = None
-    #: Reference log-probs: ``precompute`` (a Ray Data stage scores every pair once with the
-    #: reference, cached on disk; workers load no reference model), ``online`` (a frozen reference
+    #: Reference log-probs: ``precompute`` (every pair scored once with the reference, on a Ray Data
+    #: actor pool on GPUs, in the driver on CPUs; cached on disk; workers load no reference model),
+    #: ``online`` (a frozen reference
     #: forward every micro-batch), ``auto`` = precompute when the loss uses a reference; losses
     #: without one (``simpo``) build none whatever this says.
     reference: Literal["auto", "precompute", "online"] = "auto"

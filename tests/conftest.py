@@ -35,3 +35,13 @@ def _no_leftover_zero3_config() -> None:
 
     if "transformers.integrations.deepspeed" in sys.modules:
         sys.modules["transformers.integrations.deepspeed"].unset_hf_deepspeed_config()
+
+
+@pytest.fixture
+def ray_session() -> None:
+    """Ray up in this process: the local cluster ``catdpo-ray train`` starts (``init_ray``; a no-op while
+    one is up), left running for the tests after it, as runs in one process share it."""
+    from catdpo_ray.config import load_config
+    from catdpo_ray.ray_session import init_ray
+
+    init_ray(load_config(None))

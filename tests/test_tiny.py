@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,42 @@ TEXTS = [
 SHORT_STEPS = 8
 
 
+@dataclass(frozen=True)
+class Built:
+    cache: Path
+    path: Path
+    builds: int  # how many times ``_build`` ran
+    results: tuple[Path, ...]  # what each concurrent caller got
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(cache dir, model dir) of one short build."""
+def race(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """One short build into an empty cache, made by two callers racing on it: one builds (under the
+    lock), the other waits and reuses the result."""
     cache = tmp_path_factory.mktemp("tiny_cache")
-    return cache, tiny.ensure_tiny_model(cache, sft_steps=SHORT_STEPS)
+    calls: list[int] = []
+    real_build = tiny._build
+
+    def counting_build(out: Path, spec: tiny.TinySpec, key: dict[str, object]) -> None:
+        calls.append(1)
+        real_build(out, spec, key)
+
+    results: list[Path] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiny, "_build", counting_build)
+        threads = [threading.Thread(target=lambda: results.append(tiny.ensure_tiny_model(cache, sft_steps=SHORT_STEPS)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return Built(cache, cache / tiny.MODEL_DIRNAME, len(calls), tuple(results))
+
+
+@pytest.fixture(scope="module")
+def built(race: Built) -> tuple[Path, Path]:
+    """(cache dir, model dir) of that build."""
+    return race.cache, race.path
 
 
 def test_tokenizer_round_trip_and_special_tokens(tmp_path: Path) -> None:
@@ -105,26 +137,10 @@ def test_second_call_reuses_the_cache(built: tuple[Path, Path], monkeypatch: pyt
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two callers race on an empty cache: one builds (under the lock), the other waits and reuses."""
-    calls: list[int] = []
-    real_build = tiny._build
-
-    def counting_build(out: Path, spec: tiny.TinySpec, key: dict[str, object]) -> None:
-        calls.append(1)
-        real_build(out, spec, key)
-
-    monkeypatch.setattr(tiny, "_build", counting_build)
-    results: list[Path] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(tiny.ensure_tiny_model(tmp_path, sft_steps=2))) for _ in range(2)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1
-    assert results == [tmp_path / tiny.MODEL_DIRNAME] * 2
+def test_concurrent_callers_build_once(race: Built) -> None:
+    """Two callers raced on an empty cache (the fixture): one build, both got its directory."""
+    assert race.builds == 1
+    assert race.results == (race.path, race.path)
 
 
 def test_force_rebuilds_in_place_and_deterministically(built: tuple[Path, Path]) -> None:

@@ -299,11 +299,12 @@ def _tokenized_rows(counter: Path) -> int:
 @pytest.fixture
 def counting_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
     """A Ray session whose workers count the rows they tokenize and reference-score, and this process
-    the rows it tokenizes (the sweep driver's data preparation): (tokenize, reference)."""
+    the same (the sweep driver's data preparation): (tokenize, reference)."""
     import os
 
     import ray
 
+    from catdpo_ray.data.reference import ReferenceScorer
     from catdpo_ray.data.tokenize import PairTokenizer
 
     hook_dir = tmp_path / "hook"
@@ -312,15 +313,20 @@ def counting_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
     counters = (tmp_path / "tokenize_rows.txt", tmp_path / "reference_rows.txt")
     for c in counters:
         c.write_text("")
-    original = PairTokenizer.__call__
 
-    def counted(self: PairTokenizer, batch: dict[str, Any]) -> dict[str, Any]:
-        out = original(self, batch)
-        with counters[0].open("a") as fh:
-            fh.write(f"{os.getpid()} {len(next(iter(batch.values())))}\n")
-        return out
+    def count(cls: type, counter: Path) -> None:
+        original = cls.__call__
 
-    monkeypatch.setattr(PairTokenizer, "__call__", counted)
+        def counted(self: Any, batch: dict[str, Any]) -> dict[str, Any]:
+            out = original(self, batch)
+            with counter.open("a") as fh:
+                fh.write(f"{os.getpid()} {len(next(iter(batch.values())))}\n")
+            return out
+
+        monkeypatch.setattr(cls, "__call__", counted)
+
+    count(PairTokenizer, counters[0])
+    count(ReferenceScorer, counters[1])  # a CPU sweep scores a cache miss in its driver: this process
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
@@ -341,7 +347,8 @@ def test_sweeps_tokenize_and_score_once_stop_early_and_free_everything(
     reference, so its implicit reward is exactly 0 on every pair: helpfulness 0 % < the 1 % floor,
     infeasible, score -inf, and ASHA stops it at its first evaluation (rung 1) -- deterministic.
     Sweep 2: two trials at once on precomputed reference log-probs: the stage scored every pair once
-    (cold cache), and a later data preparation over the same data reads the cache and scores none."""
+    (cold cache; in the sweep's driver, a CPU run), and a later data preparation over the same data
+    reads the cache and scores none."""
     from ray.util import placement_group_table
     from ray.util.placement_group import placement_group
 
@@ -425,6 +432,7 @@ def test_sweeps_tokenize_and_score_once_stop_early_and_free_everything(
     assert _tokenized_rows(ref_counter) == pairs  # every pair of both splits scored exactly once
     report = json.loads((tmp_path / "out" / "a" / "data_report.json").read_text())["reference"]
     assert report["mode"] == "precompute" and not report["pairs"]["hit"] and report["pairs"]["rows"] == pairs
+    assert report["pairs"]["scored_in"] == "driver"  # a CPU sweep: no scoring actor to start
     # a later sweep or run over the same data reads the cache: its data preparation scores nothing
     (tmp_path / "again").mkdir()
     again = prepare_data(load_sweep_config(None, [*common, "tune.name=b"]), tmp_path / "again", verbose=False)

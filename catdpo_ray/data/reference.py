@@ -19,7 +19,8 @@ B-DPO's mutual information is then ``mutual_information(ref_chosen_logps,
 ref_resp_chosen_logps, chosen_tokens)`` in the worker (METHOD.md section 5: computed once, with
 the reference). LoRA runs score the base model: the adapter-disabled policy is the same function.
 
-Scoring uses the training loop's own pieces: ``load_causal_lm`` (training dtype and attention
+A cache miss is scored on a Ray Data actor pool, one actor per GPU, when the run trains on GPUs, and in
+the driver process on CPUs (:func:`scoring_place`). Scoring uses the training loop's own pieces: ``load_causal_lm`` (training dtype and attention
 implementation), ``collate_pairs`` and ``sequence_logps``. Within a Ray batch pairs are scored in
 length order (less padding); right padding never reaches a real token under the causal mask, so
 a pair's numbers do not depend on its neighbours beyond float tolerance (tested).
@@ -207,7 +208,35 @@ def fingerprint_inputs(cfg: RunConfig, model_path: str, tokenizer_path: str, key
     }
 
 
-def _score(ds: Any, cfg: RunConfig, model_path: str, tokenizer_path: str, micro_batch_size: int) -> dict[str, np.ndarray]:
+#: Rows per scoring call: the batch of the actor pool's ``map_batches`` and the driver's chunk.
+SCORE_BATCH_ROWS = 256
+
+
+def scoring_place(cfg: RunConfig) -> Literal["driver", "actors"]:
+    """Where a cache miss is scored: ``actors`` (a Ray Data pool, one actor per GPU) when the run
+    trains on GPUs, else ``driver``: on CPUs the pool would be a single actor using every core of one
+    node, which is what this process does without starting one more process that imports torch and
+    transformers and loads the weights (6-10 s a stage on the 2-core test machine)."""
+    return "actors" if cfg.scaling.use_gpu else "driver"
+
+
+def score_in_driver(table: Any, cfg: RunConfig, model_path: str, tokenizer_path: str,
+                    micro_batch_size: int) -> dict[str, np.ndarray]:
+    """Run :class:`ReferenceScorer` here over ``table`` (``pyarrow.Table``), :data:`SCORE_BATCH_ROWS`
+    rows at a time in the numpy batch format Ray Data hands an actor, with this process's torch threads.
+    The weights are released when it returns."""
+    from ray.data.block import BlockAccessor
+
+    scorer = ReferenceScorer(cfg.to_dict(), model_path, tokenizer_path, micro_batch_size=micro_batch_size,
+                             num_threads=torch.get_num_threads())
+    parts = [scorer(BlockAccessor.for_block(table.slice(lo, SCORE_BATCH_ROWS)).to_batch_format("numpy"))
+             for lo in range(0, table.num_rows, SCORE_BATCH_ROWS)]
+    del scorer
+    return _joined(parts, cfg)
+
+
+def score_on_actors(ds: Any, cfg: RunConfig, model_path: str, tokenizer_path: str,
+                    micro_batch_size: int) -> dict[str, np.ndarray]:
     """Run :class:`ReferenceScorer` over ``ds`` on an actor pool; the small result comes to the driver."""
     import ray
     import ray.data
@@ -215,16 +244,20 @@ def _score(ds: Any, cfg: RunConfig, model_path: str, tokenizer_path: str, micro_
     if cfg.scaling.use_gpu:  # one actor per GPU Ray can give us
         size = max(1, int(ray.cluster_resources().get("GPU", 0)))
         resources: dict[str, Any] = {"num_gpus": 1}
-    else:  # one actor using every core of its node: the stage runs before any training worker exists
+    else:  # one actor using every core of its node (scoring_place sends CPU runs to the driver)
         size, resources = 1, {"num_cpus": 1}
     scored = ds.map_batches(
         ReferenceScorer,
         fn_constructor_args=(cfg.to_dict(), model_path, tokenizer_path),
         fn_constructor_kwargs={"micro_batch_size": micro_batch_size},
-        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size),
+        batch_size=SCORE_BATCH_ROWS, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size),
         ray_remote_args_fn=_no_restarts, **resources,
     )
-    parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
+    return _joined(list(scored.iter_batches(batch_size=None, batch_format="numpy")), cfg)
+
+
+def _joined(parts: list[dict[str, np.ndarray]], cfg: RunConfig) -> dict[str, np.ndarray]:
+    """Scored batches -> one column each, in the dtypes the cache stores."""
     if not parts:
         return {"row_key": np.zeros(0, dtype="S32"), **{c: np.zeros(0, dtype=np.float32) for c in reference_columns(cfg)}}
     # Arrow hands fixed-width byte keys back as an object array: restore the dtypes the cache stores.
@@ -251,13 +284,14 @@ def add_reference_table(table: Any, *, cfg: RunConfig, model_path: str, tokenize
                         cache_dir: str | Path | None = None, micro_batch_size: int = 16) -> tuple[Any, dict[str, Any]]:
     """Tokenized split (``pyarrow.Table``) -> the same rows, same order, plus the reference columns.
 
-    A valid cache entry is read and no model is loaded; otherwise the stage scores the split (a Ray
-    Data actor pool) and writes the entry (unless the weights cannot be identified: then it says so
+    A valid cache entry is read and no model is loaded; otherwise the stage scores the split (where
+    :func:`scoring_place` says: a Ray Data actor pool on GPUs, this process on CPUs) and writes the entry (unless the weights cannot be identified: then it says so
     in ``info``). The columns are joined here, by row key (:func:`attach_reference`).
 
     Returns:
         ``(table, info)``; ``info``: ``mode``, ``split``, ``rows``, ``columns``, ``fingerprint``,
-        ``entry``, ``hit`` (bool), ``reason`` (why it was (re)computed), ``seconds``.
+        ``entry``, ``hit`` (bool), ``reason`` (why it was (re)computed), ``scored_in`` (``driver``,
+        ``actors``, or None on a hit), ``seconds``.
     """
     t0 = time.perf_counter()
     mode = resolve_reference_mode(cfg)
@@ -279,10 +313,14 @@ def add_reference_table(table: Any, *, cfg: RunConfig, model_path: str, tokenize
     if ref is not None and not np.array_equal(ref["row_key"], np.sort(keys)):
         ref, reason = None, f"corrupt entry {root / str(key)}: row keys differ from the split's pairs"
     hit = ref is not None
+    place = None if hit else scoring_place(cfg)
     if ref is None:
-        from catdpo_ray.data.tables import to_dataset
+        if place == "driver":
+            scored = score_in_driver(table, cfg, model_path, tokenizer_path, micro_batch_size)
+        else:
+            from catdpo_ray.data.tables import to_dataset
 
-        scored = _score(to_dataset(table, 2), cfg, model_path, tokenizer_path, micro_batch_size)
+            scored = score_on_actors(to_dataset(table, 2), cfg, model_path, tokenizer_path, micro_batch_size)
         order = np.argsort(scored["row_key"], kind="stable")
         ref = {name: col[order] for name, col in scored.items()}
         if not np.array_equal(ref["row_key"], np.sort(keys)):
@@ -291,7 +329,7 @@ def add_reference_table(table: Any, *, cfg: RunConfig, model_path: str, tokenize
             write_entry(root, key, ref, inputs)
     out = attach_reference(table, table=ref, split_name=split_name)
     info.update(rows=len(keys), columns=list(reference_columns(cfg)), fingerprint=key,
-                entry=str(root / key) if key else None, hit=hit, reason=reason,
+                entry=str(root / key) if key else None, hit=hit, reason=reason, scored_in=place,
                 seconds=round(time.perf_counter() - t0, 3))
     return out, info
 
@@ -309,5 +347,8 @@ __all__ = [
     "fingerprint_inputs",
     "reference_columns",
     "resolve_reference_mode",
+    "score_in_driver",
+    "score_on_actors",
+    "scoring_place",
     "table_row_keys",
 ]

@@ -5,7 +5,7 @@ the tokenized columns, the reference columns and the train/test split are built 
 ``pyarrow.Table`` in this process, in the order the driver chose, and only the finished splits become
 Ray datasets (:func:`to_dataset`: blocks put in the object store, no tasks). Nothing here starts a
 Ray task, so no step can reorder rows and no fresh worker process pays its imports; the one Ray Data
-stage left is the reference scoring on a cache miss (an actor pool, :mod:`.reference`).
+stage left is the reference scoring of a GPU run's cache miss (an actor pool, :mod:`.reference`).
 
 The columns keep the types Ray Data gives a ``map_batches`` output (token ids: Ray's variable-shaped
 tensor extension, int32; the category mask: its fixed-shape tensor extension, int8), so workers read

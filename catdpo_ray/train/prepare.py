@@ -3,8 +3,8 @@
 Run once per job (a sweep reuses it across trials, ARCHITECTURE.md "Contracts"): both splits are read
 and paired before Ray starts (:func:`load_pairs`, so a bad file is reported at once), tokenized in one
 pass in the driver (:func:`tokenize_table`; the process keeps its tokenizer between runs) into one
-Arrow table, given the cached reference log-prob columns (:mod:`catdpo_ray.data.reference`; only a
-cache miss runs a Ray Data actor pool), split into train and test by row index (checked against the
+Arrow table, given the cached reference log-prob columns (:mod:`catdpo_ray.data.reference`; a cache
+miss is scored here on CPUs, on a Ray Data actor pool on GPUs), split into train and test by row index (checked against the
 ``split`` column) and handed to Ray as two materialised datasets (:mod:`catdpo_ray.data.tables`).
 """
 
@@ -161,8 +161,8 @@ def _split_table(table: Any, train_rows: int, test_rows: int) -> tuple[Any, Any]
 
 def _reference_stage(cfg: RunConfig, table: Any, model_path: str, tokenizer_path: str, *,
                      verbose: bool) -> tuple[Any, dict[str, Any]]:
-    """Reference log-prob columns for both splits (``model.reference=precompute``): the cached Ray Data
-    stage of :mod:`catdpo_ray.data.reference`. ``online``: none (the workers' frozen reference engine
+    """Reference log-prob columns for both splits (``model.reference=precompute``): the cached stage of
+    :mod:`catdpo_ray.data.reference`. ``online``: none (the workers' frozen reference engine
     scores every batch, as before). ``none`` (reference-free losses): see :func:`_eval_reference`."""
     from catdpo_ray.data.reference import add_reference_table, resolve_reference_mode
 
@@ -191,8 +191,9 @@ def _eval_reference(cfg: RunConfig, test_t: Any, model_path: str, tokenizer_path
 
 def _say_reference(info: dict[str, Any], verbose: bool) -> None:
     if verbose:
-        print(f"[reference] {info['split']}: {info['rows']} pairs, {'cache hit' if info['hit'] else 'computed'} in "
-              f"{info['seconds']:.1f}s ({info['reason']})", flush=True)
+        how = "cache hit" if info["hit"] else f"computed in the {'driver' if info['scored_in'] == 'driver' else 'actor pool'}"
+        print(f"[reference] {info['split']}: {info['rows']} pairs, {how} in {info['seconds']:.1f}s ({info['reason']})",
+              flush=True)
 
 
 def _onpolicy_plan(cfg: RunConfig, train_pairs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -100,22 +100,16 @@ def test_bad_input_is_named() -> None:
         list(ExactMicroBatches([{"a": np.zeros(2), "b": np.zeros(1)}], 2))
 
 
-def test_real_ray_local_shuffle_emits_short_batches_and_the_adapter_fixes_them() -> None:
+def test_real_ray_local_shuffle_emits_short_batches_and_the_adapter_fixes_them(ray_session: None) -> None:
     """Ray 2.60 with a shuffle buffer below the batch size emits short batches mid-stream (ray#66085)."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        ds = ray.data.from_items([{"x": i} for i in range(203)], override_num_blocks=7)
-        opts = {"batch_size": 8, "batch_format": "numpy", "local_shuffle_buffer_size": 5, "local_shuffle_seed": 3}
-        raw = [b["x"] for b in ds.iter_batches(**opts)]
-        assert any(len(b) < 8 for b in raw[:-1]), [len(b) for b in raw]  # the bug this module exists for
-        exact = ExactMicroBatches(ds.iter_batches(**opts), 8)
-        fixed = [mb["x"] for mb in exact]
-    finally:
-        if started:
-            ray.shutdown()
+    import ray.data
+
+    ds = ray.data.from_items([{"x": i} for i in range(203)], override_num_blocks=7)
+    opts = {"batch_size": 8, "batch_format": "numpy", "local_shuffle_buffer_size": 5, "local_shuffle_seed": 3}
+    raw = [b["x"] for b in ds.iter_batches(**opts)]
+    assert any(len(b) < 8 for b in raw[:-1]), [len(b) for b in raw]  # the bug this module exists for
+    exact = ExactMicroBatches(ds.iter_batches(**opts), 8)
+    fixed = [mb["x"] for mb in exact]
     assert all(len(b) == 8 for b in fixed) and len(fixed) == 203 // 8 and exact.dropped_rows == 203 % 8
     # Same seed, same rows in the same order: the adapter only re-chunks.
     assert np.array_equal(np.concatenate(fixed), np.concatenate(raw)[: 8 * len(fixed)])

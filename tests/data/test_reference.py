@@ -1,14 +1,13 @@
 """Reference log-probs as a cached Ray Data stage: parity with the online computation a worker
 does, batch-composition independence, B-DPO's start token, the fingerprint, the cache's
-integrity checks, and (with Ray) that a warm cache loads no model in any process."""
+integrity checks, where a cache miss is scored (this process on CPUs, an actor pool on GPUs), and
+(with Ray) that a warm cache loads no model in any process."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -331,63 +330,38 @@ def test_collate_passes_reference_columns_through(tiny_model_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the Ray stage: cold, warm (no model load anywhere), corrupt -> recomputed
+# the stage: cold, warm (no scoring anywhere), corrupt -> recomputed; driver or actor pool
 
-#: Installed in every Ray worker process of this module's cluster: each ReferenceScorer
-#: construction (= one reference model load) appends a line to a file.
-_LOAD_HOOK = '''
-import os
-
-
-def install() -> None:
-    from catdpo_ray.data.reference import ReferenceScorer
-
+@pytest.fixture
+def loads(ray_session: None, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The reference model loads (ReferenceScorer constructions) made in this process, with Ray up."""
+    made: list[int] = []
     original = ReferenceScorer.__init__
 
-    def counted(self, *args, **kwargs):
-        with open(os.environ["CATDPO_REFERENCE_LOADS"], "a") as fh:
-            fh.write(f"{os.getpid()}\\n")
+    def counted(self: ReferenceScorer, *args: Any, **kwargs: Any) -> None:
+        made.append(os.getpid())
         original(self, *args, **kwargs)
 
-    ReferenceScorer.__init__ = counted
-'''
+    monkeypatch.setattr(ReferenceScorer, "__init__", counted)
+    return made
 
 
-@pytest.fixture(scope="module")
-def ray_loads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    import ray
+def test_scoring_place_is_the_driver_on_cpus_and_an_actor_pool_on_gpus(tiny_model_dir: str) -> None:
+    from catdpo_ray.data.reference import scoring_place
 
-    hook_dir = tmp_path_factory.mktemp("hook")
-    (hook_dir / "catdpo_reference_hook.py").write_text(textwrap.dedent(_LOAD_HOOK))
-    counter = hook_dir / "loads.txt"
-    counter.write_text("")
-    import ray.data
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
-        "worker_process_setup_hook": "catdpo_reference_hook.install",
-        "env_vars": {"PYTHONPATH": str(hook_dir), "CATDPO_REFERENCE_LOADS": str(counter)},
-    })
-    try:
-        yield counter
-    finally:
-        ray.shutdown()
-
-
-def _loads(counter: Path) -> int:
-    return len(counter.read_text().split())
+    assert scoring_place(_cfg(tiny_model_dir)) == "driver"
+    assert scoring_place(_cfg(tiny_model_dir, "catdpo", "scaling.use_gpu=true")) == "actors"
 
 
 @pytest.mark.slow
-def test_stage_cold_warm_corrupt(tiny_model_dir: str, tmp_path: Path, ray_loads: Path) -> None:
-    """One Ray cluster, B-DPO columns: cold computes (1 load) and equals the online numbers; warm
-    loads nothing; a truncated file is recomputed (1 more load) and repaired; order is kept."""
+def test_stage_cold_warm_corrupt(tiny_model_dir: str, tmp_path: Path, loads: list[int],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """B-DPO columns on a CPU run: cold computes in this process (1 load) and equals the online
+    numbers; warm scores nothing anywhere; a truncated file is recomputed (1 more load) and repaired;
+    order is kept."""
     import ray.data
 
+    from catdpo_ray.data import reference
     from catdpo_ray.data.reference import add_reference_columns, dataset_row_keys
     from catdpo_ray.train.modeling import load_causal_lm
 
@@ -400,7 +374,7 @@ def test_stage_cold_warm_corrupt(tiny_model_dir: str, tmp_path: Path, ray_loads:
           "cache_dir": cache}
 
     cold, info = add_reference_columns(ds, **kw)
-    assert (info["hit"], info["reason"], _loads(ray_loads)) == (False, "no entry", 1)
+    assert (info["hit"], info["reason"], info["scored_in"], len(loads)) == (False, "no entry", "driver", 1)
     assert dataset_row_keys(cold).tolist() == batch_row_keys(batch).tolist()  # same rows, same order
     got = cold.take_batch(40, batch_format="numpy")
     from transformers import AutoTokenizer
@@ -411,8 +385,14 @@ def test_stage_cold_warm_corrupt(tiny_model_dir: str, tmp_path: Path, ray_loads:
     for name in REF_COLUMNS + RESP_COLUMNS:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
 
-    warm, info = add_reference_columns(ds, **kw)
-    assert (info["hit"], info["reason"], _loads(ray_loads)) == (True, "hit", 1)  # no model loaded anywhere
+    def no_scoring(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a warm cache scored pairs")
+
+    with monkeypatch.context() as m:  # the stage's only two ways to load a model: neither is taken
+        m.setattr(reference, "score_in_driver", no_scoring)
+        m.setattr(reference, "score_on_actors", no_scoring)
+        warm, info = add_reference_columns(ds, **kw)
+    assert (info["hit"], info["reason"], info["scored_in"], len(loads)) == (True, "hit", None, 1)
     warm_batch = warm.take_batch(40, batch_format="numpy")
     for name in REF_COLUMNS + RESP_COLUMNS:
         assert np.array_equal(warm_batch[name], got[name]), name
@@ -420,10 +400,32 @@ def test_stage_cold_warm_corrupt(tiny_model_dir: str, tmp_path: Path, ray_loads:
     victim = Path(info["entry"]) / "ref_resp_rejected_logps.npy"
     victim.write_bytes(victim.read_bytes()[:-8])
     again, info = add_reference_columns(ds, **kw)
-    assert not info["hit"] and "ref_resp_rejected_logps.npy has" in info["reason"] and _loads(ray_loads) == 2
+    assert not info["hit"] and "ref_resp_rejected_logps.npy has" in info["reason"] and len(loads) == 2
     assert np.allclose(again.take_batch(40, batch_format="numpy")["ref_resp_rejected_logps"],
                        got["ref_resp_rejected_logps"], rtol=0, atol=TOL)
     assert read_entry(cache, info["fingerprint"], expected_rows=40)[1] == "hit"  # repaired
 
     simpo, info = add_reference_columns(ds, **{**kw, "cfg": _cfg(tiny_model_dir, "simpo")})
-    assert simpo is ds and info["mode"] == "none" and _loads(ray_loads) == 2  # reference-free: nothing built
+    assert simpo is ds and info["mode"] == "none" and len(loads) == 2  # reference-free: nothing built
+
+
+@pytest.mark.slow
+def test_actor_pool_scores_what_the_driver_scores(tiny_model_dir: str, loads: list[int]) -> None:
+    """The GPU runs' path (one Ray Data actor per GPU) run with a CPU actor: it loads the model in a Ray
+    worker, not here, and returns the driver's numbers for the same rows (B-DPO: all four columns)."""
+    from catdpo_ray.data.reference import score_in_driver, score_on_actors
+    from catdpo_ray.data.tables import batch_to_table, to_dataset
+
+    cfg = _cfg(tiny_model_dir, "bdpo")
+    table = batch_to_table(_tokenized(cfg, tiny_model_dir, 40))
+    pool = score_on_actors(to_dataset(table, 3), cfg, tiny_model_dir, tiny_model_dir, 16)
+    assert loads == []  # scored, and not by a model loaded in this process
+    here = score_in_driver(table, cfg, tiny_model_dir, tiny_model_dir, 16)
+    assert loads == [os.getpid()]
+    assert set(pool) == set(here) == {"row_key", *REF_COLUMNS, *RESP_COLUMNS}
+    order_pool, order_here = np.argsort(pool["row_key"]), np.argsort(here["row_key"])
+    assert np.array_equal(pool["row_key"][order_pool], here["row_key"][order_here])
+    assert len(set(here["row_key"].tolist())) == 40 and here["row_key"].dtype == np.dtype("S32")
+    for name in REF_COLUMNS + RESP_COLUMNS:
+        assert pool[name].dtype == here[name].dtype == np.float32
+        np.testing.assert_allclose(pool[name][order_pool], here[name][order_here], rtol=0, atol=TOL, err_msg=name)
