@@ -106,7 +106,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, verbose: bool = True, loaded:
     if verbose:
         print(f"[data] tokenized {len(train_pairs)} + {len(test_pairs)} pairs in {time.perf_counter() - t0:.1f}s",
               flush=True)
-    # The reference stage scores both splits in one pass (one actor start, one model load, one cache entry).
+    # The reference stage scores both splits in one pass (one model load, one cache entry).
     table, reference = _reference_stage(cfg, table, model_path, tokenizer_path, verbose=verbose)
     train_t, test_t = _split_table(table, len(train_pairs), len(test_pairs))
     if reference["mode"] == "none" and (cfg.train.eval_before_after or cfg.train.eval_every):
