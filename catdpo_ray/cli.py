@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # beside --model minus the keys that pick endpoints, keys, models or remote code (eval/settings.py).
     try:
         cfg = eval_config(args.model, args.config, args.overrides, run_config=args.run_config)
-        run_eval(cfg, model=args.model, data=args.data, out=args.out)
+        run_eval(cfg, model=args.model, data=args.data, out=args.out, backend=args.generation)
     except (EvalInputError, ImportError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", action="store_true",
                    help="also read the run's config.yaml beside --model (prompt format, categories, data); "
                         "never its judge URL/key, models, output dir, Ray address or trust_remote_code")
+    p.add_argument("--generation", choices=("auto", "ray", "local"), default="auto",
+                   help="where answers are generated: ray = a Ray Data actor pool (eval.num_actors replicas), "
+                        "local = in this process, auto = ray when Ray is already up in this process or a cluster "
+                        "address is configured (scaling.ray_address, $RAY_ADDRESS), else local (default)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("compare", help="side-by-side table and panels for several run directories")

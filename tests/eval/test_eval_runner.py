@@ -74,13 +74,15 @@ def test_eval_cli_on_a_run_with_all_three_judges(runs: dict[str, Path], judge_se
     run_dir = runs["catdpo"]
     cost = build_cost_model(tmp_path / "cost")
     out = tmp_path / "report"
-    rc = main(["eval", "--model", str(run_dir / "final"), "--config", str(run_dir / "config.yaml"), "--out", str(out),
+    # --generation local: in this process, as the command in a fresh process (Ray is up here from earlier tests)
+    rc = main(["eval", "--generation", "local", "--model", str(run_dir / "final"), "--config", str(run_dir / "config.yaml"),
+               "--out", str(out),
                "eval.judges=[rule,classifier,llm]", f"eval.classifier_model={cost}", f"eval.reward_model={cost}", f"eval.llm_base_url={judge_server.url}",
                "eval.llm_api_key_env=CATDPO_E2E_JUDGE_KEY", "eval.llm_model=test-judge", "eval.max_prompts_per_category=3",
                "eval.max_new_tokens=24", "eval.temperature=1.0"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["judges"]) == {"rule", "classifier", "llm"}
+    assert set(report["judges"]) == {"rule", "classifier", "llm"} and report["generation"]["backend"] == "in-process"
     for block in report["judges"].values():
         assert {"per_category", "macro", "worst3", "gap", "variance", "n_prompts", "missing"} <= set(block)
     rule, llm = report["judges"]["rule"], report["judges"]["llm"]

@@ -24,6 +24,9 @@ from tests.eval.test_eval_judges import JudgeServer
 
 SECRET = "sk-secret-0b7e44d1"
 SMALL = ["eval.max_prompts_per_category=1", "eval.max_new_tokens=4", "data.max_test_rows=8", "eval.benign=bundled"]
+#: Generate in this process, as ``catdpo-ray eval`` in a fresh process does: Ray is up in this one from earlier
+#: tests, which would choose the actor pool (tests/eval/test_eval_generation.py's subject).
+EVAL = ["eval", "--generation", "local"]
 
 
 @pytest.fixture
@@ -47,9 +50,10 @@ def hostile_run(tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_a_hostile_run_config_is_not_read_unless_asked(hostile_run, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
     run, server, tmp = hostile_run
     out = tmp / "mine"
-    assert main(["eval", "--model", str(run / "final"), "--out", str(out), *SMALL]) == 0
+    assert main([*EVAL, "--model", str(run / "final"), "--out", str(out), *SMALL]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["judges"]) == {"rule"} and report["settings"]["eval"]["llm_base_url"] is None
+    assert report["generation"]["backend"] == "in-process"  # --generation local
     assert report["settings"]["prompt_template"] == load_config().data.prompt_template
     assert server.requests == [] and not (tmp / "their-output").exists()
     text = capsys.readouterr().out
@@ -59,7 +63,7 @@ def test_a_hostile_run_config_is_not_read_unless_asked(hostile_run, capsys: pyte
 def test_run_config_on_request_keeps_the_protected_keys_out(hostile_run, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
     run, server, tmp = hostile_run
     out = tmp / "mine"
-    assert main(["eval", "--model", str(run / "final"), "--run-config", "--out", str(out), *SMALL]) == 0
+    assert main([*EVAL, "--model", str(run / "final"), "--run-config", "--out", str(out), *SMALL]) == 0
     text = capsys.readouterr().out
     # said before anything ran: which file, that it was asked for, and what was not taken from it
     first = text.index(f"[eval] config {run / 'config.yaml'} (asked by --run-config)")
@@ -148,3 +152,18 @@ def test_a_folder_that_is_not_a_model_fails_clearly_and_leaves_nothing(tmp_path:
     assert f"did you mean {run / 'final'}?" in capsys.readouterr().err and not (run / "eval").exists()
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("choice", ["auto", "ray", "local"])
+def test_generation_flag_reaches_the_runner(choice: str, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--generation`` is passed to ``run_eval`` as the backend (``auto`` when not given); other values are refused."""
+    from catdpo_ray.eval import runner
+
+    seen: list[str] = []
+    monkeypatch.setattr(runner, "run_eval", lambda cfg, **kw: seen.append(kw["backend"]) or {})
+    flag = [] if choice == "auto" else ["--generation", choice]
+    assert main(["eval", *flag, "--model", tiny_model_dir]) == 0
+    assert seen == [choice]
+    with pytest.raises(SystemExit) as bad:
+        main(["eval", "--generation", "gpu", "--model", tiny_model_dir])
+    assert bad.value.code == 2
