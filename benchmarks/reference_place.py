@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from catdpo_ray.config import load_config
     from catdpo_ray.data.reference import score_in_driver, score_on_actors
-    from catdpo_ray.data.tables import dataset_table, to_dataset
+    from catdpo_ray.data.tables import dataset_table
     from catdpo_ray.ray_session import init_ray
     from catdpo_ray.train.prepare import prepare_data
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             if place == "driver":
                 out = score_in_driver(table, cfg, data.model_path, data.tokenizer_path, micro)
             else:
-                out = score_on_actors(to_dataset(table, 2), cfg, data.model_path, data.tokenizer_path, micro)
+                out = score_on_actors(table, cfg, data.model_path, data.tokenizer_path, micro)
             times[place].append(time.perf_counter() - t0)
             results[place] = out
             print(f"round {i + 1} {place:10s} {times[place][-1]:6.2f} s", flush=True)

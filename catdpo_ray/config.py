@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
+
+from catdpo_ray.config_build import ConfigError, apply_overrides, build_dataclass
 
 #: The 19 harm categories of PKU-SafeRLHF, spelled exactly as the dataset spells them.
 PKU_CATEGORIES: tuple[str, ...] = (
@@ -61,12 +62,6 @@ DEFAULT_PAIRS_FOR_LOSS: dict[str, str] = {
 }
 
 
-_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending dotted key in the message."""
-
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -104,9 +99,8 @@ class ModelConfig:
     cache_dir: str | None = None
     #: Reference log-probs: ``precompute`` (every pair scored once with the reference, on a Ray Data
     #: actor pool on GPUs, in the driver on CPUs; cached on disk; workers load no reference model),
-    #: ``online`` (a frozen reference
-    #: forward every micro-batch), ``auto`` = precompute when the loss uses a reference; losses
-    #: without one (``simpo``) build none whatever this says.
+    #: ``online`` (a frozen reference forward every micro-batch), ``auto`` = precompute when the loss
+    #: uses a reference; losses without one (``simpo``) build none whatever this says.
     reference: Literal["auto", "precompute", "online"] = "auto"
     #: Cache of precomputed reference log-probs, one entry per fingerprint of weights, tokenizer,
     #: tokenized pairs, lengths, template and dtype. Default ``<model.cache_dir>/reference_cache``
@@ -419,9 +413,7 @@ class RunConfig:
     def replace(self, overrides: dict[str, Any] | list[str]) -> RunConfig:
         """A new validated config with dotted overrides applied."""
         raw = self.to_dict()
-        pairs = _parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        for key, value in pairs.items():
-            _set_dotted(raw, key, value)
+        apply_overrides(raw, overrides)
         return from_dict(raw)
 
 
@@ -429,120 +421,9 @@ class RunConfig:
 # loading
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        key, _, text = item.partition("=")
-        out[key.strip()] = yaml.safe_load(text) if text.strip() != "" else None
-    return out
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-            where = ".".join(parts[: i + 1])
-            valid = sorted(k for k, v in node.items() if isinstance(v, dict)) if isinstance(node, dict) else []
-            raise ConfigError(f"unknown config section {where!r}; valid sections here: {valid}")
-        node = node[part]
-    last = parts[-1]
-    if last not in node:
-        _refuse_removed(key)
-        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
-    node[last] = value
-
-
-def _refuse_removed(key: str) -> None:
-    """A removed key gets its own message (an old ``config.yaml`` may still hold it)."""
-    if key in REMOVED_KEYS:
-        raise ConfigError(f"config key {key!r} was removed: {REMOVED_KEYS[key]}")
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return str(tp).replace("typing.", "")
-
-
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    """Check ``value`` against annotation ``tp``; return it (ints widened to float where needed)."""
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        choices = get_args(tp)
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
-            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
-        if value not in choices or (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
-            raise ConfigError(f"{key}: {value!r} is not valid; choose one of {list(choices)}")
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arm in get_args(tp):
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(key, arm, value)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
-    if origin is list:
-        (inner,) = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
-    if origin is dict:
-        kt, vt = get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {_coerce(f"{key} key", kt, k): _coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # PyYAML reads "1e-6" (no dot) as a string: accept it as the number it is
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # pragma: no cover
-
-
-def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    for name in unknown:
-        _refuse_removed(prefix + name)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {sorted(names)}")
-    kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in raw.items()}
-    return cls(**kwargs)
-
-
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a nested dict (missing keys = defaults)."""
-    cfg = _build(RunConfig, raw or {})
+    cfg = build_dataclass(RunConfig, raw or {})
     validate(cfg)
     return cfg
 
@@ -559,15 +440,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         raw = loaded or {}
     base = from_dict(raw).to_dict()
-    for key, value in _parse_overrides(overrides or []).items():
-        _set_dotted(base, key, value)
+    apply_overrides(base, overrides or [])
     return from_dict(base)
-
-
-#: Keys that existed once and were removed, with what to do instead (old config.yaml files).
-REMOVED_KEYS: dict[str, str] = {
-    "scaling.data_cpus": "it was never read (Ray Data sizes its own CPU use); delete it",
-}
 
 
 def validate(cfg: RunConfig) -> None:

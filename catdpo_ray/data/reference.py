@@ -19,9 +19,10 @@ B-DPO's mutual information is then ``mutual_information(ref_chosen_logps,
 ref_resp_chosen_logps, chosen_tokens)`` in the worker (METHOD.md section 5: computed once, with
 the reference). LoRA runs score the base model: the adapter-disabled policy is the same function.
 
-A cache miss is scored on a Ray Data actor pool, one actor per GPU, when the run trains on GPUs, and in
-the driver process on CPUs (:func:`scoring_place`). Scoring uses the training loop's own pieces: ``load_causal_lm`` (training dtype and attention
-implementation), ``collate_pairs`` and ``sequence_logps``. Within a Ray batch pairs are scored in
+A cache miss is scored on a Ray Data actor pool, one actor per GPU, when the run trains on GPUs, and
+in the driver process on CPUs (:func:`scoring_place`). Scoring uses the training loop's own pieces:
+``load_causal_lm`` (training dtype and attention implementation), ``collate_pairs`` and
+``sequence_logps``. Within a Ray batch pairs are scored in
 length order (less padding); right padding never reaches a real token under the causal mask, so
 a pair's numbers do not depend on its neighbours beyond float tolerance (tested).
 """
@@ -235,18 +236,21 @@ def score_in_driver(table: Any, cfg: RunConfig, model_path: str, tokenizer_path:
     return _joined(parts, cfg)
 
 
-def score_on_actors(ds: Any, cfg: RunConfig, model_path: str, tokenizer_path: str,
+def score_on_actors(table: Any, cfg: RunConfig, model_path: str, tokenizer_path: str,
                     micro_batch_size: int) -> dict[str, np.ndarray]:
-    """Run :class:`ReferenceScorer` over ``ds`` on an actor pool; the small result comes to the driver."""
+    """Run :class:`ReferenceScorer` over ``table`` (``pyarrow.Table``, put in the object store as two
+    blocks) on an actor pool; the small result comes to the driver."""
     import ray
     import ray.data
+
+    from catdpo_ray.data.tables import to_dataset
 
     if cfg.scaling.use_gpu:  # one actor per GPU Ray can give us
         size = max(1, int(ray.cluster_resources().get("GPU", 0)))
         resources: dict[str, Any] = {"num_gpus": 1}
     else:  # one actor using every core of its node (scoring_place sends CPU runs to the driver)
         size, resources = 1, {"num_cpus": 1}
-    scored = ds.map_batches(
+    scored = to_dataset(table, 2).map_batches(
         ReferenceScorer,
         fn_constructor_args=(cfg.to_dict(), model_path, tokenizer_path),
         fn_constructor_kwargs={"micro_batch_size": micro_batch_size},
@@ -285,8 +289,8 @@ def add_reference_table(table: Any, *, cfg: RunConfig, model_path: str, tokenize
     """Tokenized split (``pyarrow.Table``) -> the same rows, same order, plus the reference columns.
 
     A valid cache entry is read and no model is loaded; otherwise the stage scores the split (where
-    :func:`scoring_place` says: a Ray Data actor pool on GPUs, this process on CPUs) and writes the entry (unless the weights cannot be identified: then it says so
-    in ``info``). The columns are joined here, by row key (:func:`attach_reference`).
+    :func:`scoring_place` says: a Ray Data actor pool on GPUs, this process on CPUs) and writes the
+    entry (unless the weights cannot be identified: then it says so in ``info``). The columns are joined here, by row key (:func:`attach_reference`).
 
     Returns:
         ``(table, info)``; ``info``: ``mode``, ``split``, ``rows``, ``columns``, ``fingerprint``,
@@ -315,12 +319,8 @@ def add_reference_table(table: Any, *, cfg: RunConfig, model_path: str, tokenize
     hit = ref is not None
     place = None if hit else scoring_place(cfg)
     if ref is None:
-        if place == "driver":
-            scored = score_in_driver(table, cfg, model_path, tokenizer_path, micro_batch_size)
-        else:
-            from catdpo_ray.data.tables import to_dataset
-
-            scored = score_on_actors(to_dataset(table, 2), cfg, model_path, tokenizer_path, micro_batch_size)
+        score = score_in_driver if place == "driver" else score_on_actors
+        scored = score(table, cfg, model_path, tokenizer_path, micro_batch_size)
         order = np.argsort(scored["row_key"], kind="stable")
         ref = {name: col[order] for name, col in scored.items()}
         if not np.array_equal(ref["row_key"], np.sort(keys)):

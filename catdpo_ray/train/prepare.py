@@ -4,8 +4,9 @@ Run once per job (a sweep reuses it across trials, ARCHITECTURE.md "Contracts"):
 and paired before Ray starts (:func:`load_pairs`, so a bad file is reported at once), tokenized in one
 pass in the driver (:func:`tokenize_table`; the process keeps its tokenizer between runs) into one
 Arrow table, given the cached reference log-prob columns (:mod:`catdpo_ray.data.reference`; a cache
-miss is scored here on CPUs, on a Ray Data actor pool on GPUs), split into train and test by row index (checked against the
-``split`` column) and handed to Ray as two materialised datasets (:mod:`catdpo_ray.data.tables`).
+miss is scored here on CPUs, on a Ray Data actor pool on GPUs), split into train and test by row index
+(checked against the ``split`` column) and handed to Ray as two materialised datasets
+(:mod:`catdpo_ray.data.tables`).
 """
 
 from __future__ import annotations

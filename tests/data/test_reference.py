@@ -414,11 +414,11 @@ def test_actor_pool_scores_what_the_driver_scores(tiny_model_dir: str, loads: li
     """The GPU runs' path (one Ray Data actor per GPU) run with a CPU actor: it loads the model in a Ray
     worker, not here, and returns the driver's numbers for the same rows (B-DPO: all four columns)."""
     from catdpo_ray.data.reference import score_in_driver, score_on_actors
-    from catdpo_ray.data.tables import batch_to_table, to_dataset
+    from catdpo_ray.data.tables import batch_to_table
 
     cfg = _cfg(tiny_model_dir, "bdpo")
     table = batch_to_table(_tokenized(cfg, tiny_model_dir, 40))
-    pool = score_on_actors(to_dataset(table, 3), cfg, tiny_model_dir, tiny_model_dir, 16)
+    pool = score_on_actors(table, cfg, tiny_model_dir, tiny_model_dir, 16)
     assert loads == []  # scored, and not by a model loaded in this process
     here = score_in_driver(table, cfg, tiny_model_dir, tiny_model_dir, 16)
     assert loads == [os.getpid()]
